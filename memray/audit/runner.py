@@ -1,0 +1,330 @@
+"""One batch of images -> one catalog row each, running the configured measures in shared UNet calls.
+
+No Ray here: the distributed layer calls `audit_batch` from its actors, the CLI calls it directly.
+A fault that belongs to one image (unreadable bytes, NaN in its optimisation) becomes that
+image's error row; the other images in the batch finish.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from memray.audit.verdict import decide
+from memray.catalog.schema import AuditRow
+from memray.config import AuditConfig, ConfigError
+from memray.data.images import ImageDecodeError, decode_image, read_bytes, sha256_hex, to_model_tensor
+from memray.measures import rng
+from memray.measures.invmm import invmm
+from memray.measures.noise_inversion import invert_noise
+from memray.measures.prompt_inversion import hard_prompt_inversion, prompt_condition, soft_prompt_inversion
+from memray.measures.similarity import build_similarity
+from memray.measures.wasserstein import memorization_wasserstein
+from memray.measures.wen import wen_screen
+from memray.measures.z0_error import z0_prediction_error
+
+CONDITIONAL_MEASURES = ("prompt_inversion", "wasserstein", "wen", "hard_prompt")
+
+
+@dataclass
+class ImageInput:
+    """One image to audit: its bytes (or where to read them) and what we know about it."""
+
+    image_id: str
+    data: bytes | None = None
+    uri: str | None = None
+    caption: str | None = None
+    source: str | None = None
+
+
+@dataclass
+class ImageAudit:
+    """A catalog row plus the arrays behind it (for `memray inspect` and reports)."""
+
+    row: AuditRow
+    err_uncond: np.ndarray | None = None
+    err_cond: np.ndarray | None = None
+    invmm_mu: torch.Tensor | None = None
+    invmm_log_var: torch.Tensor | None = None
+    z0: torch.Tensor | None = None
+    extras: dict = field(default_factory=dict)
+
+
+def supported_measures(config: AuditConfig, model) -> tuple[str, ...]:
+    """The configured measures that this model family can run (unconditional models: no prompts)."""
+    if model.is_conditional:
+        return config.measures
+    return tuple(m for m in config.measures if m not in CONDITIONAL_MEASURES)
+
+
+def check_compatible(config: AuditConfig, model) -> None:
+    """Refuse at start-up a configuration that asks prompt measures of an unconditional model."""
+    unsupported = sorted(set(config.measures) - set(supported_measures(config, model)))
+    if unsupported:
+        keep = list(supported_measures(config, model))
+        raise ConfigError(
+            f"the {model.family} model is unconditional: it has no text prompt, so {unsupported} cannot run; "
+            f"configure measures = {keep}"
+        )
+
+
+def _image_input(item) -> ImageInput:
+    if isinstance(item, ImageInput):
+        return item
+    path = str(item)
+    return ImageInput(image_id=Path(path).name if "://" not in path else path.rsplit("/", 1)[-1], uri=path, source=path)
+
+
+def audit_batch(loaded, items, config: AuditConfig, *, run_id: str | None = None, progress=None) -> list[ImageAudit]:
+    """Audit a batch of images (paths, URLs or ImageInput) against a loaded model."""
+    model = loaded.adapter
+    check_compatible(config, model)
+    run_id = run_id or uuid.uuid4().hex[:12]
+    started = time.perf_counter()
+    inputs = [_image_input(item) for item in items]
+    audits = [ImageAudit(row=_identity_row(inp, loaded, config, run_id)) for inp in inputs]
+    pixels, slots = [], []
+    for i, inp in enumerate(inputs):
+        try:
+            data = inp.data if inp.data is not None else read_bytes(inp.uri)
+            audits[i].row.image_sha256 = sha256_hex(data)
+            image = decode_image(data, max_pixels=config.images.max_pixels)
+            audits[i].row.width, audits[i].row.height = image.size
+            pixels.append(to_model_tensor(image, model.resolution, allow_upscale=config.images.allow_upscale))
+            slots.append(i)
+        except ImageDecodeError as exc:
+            _fail(audits[i].row, str(exc))
+    if slots:
+        chain = _MeasureChain(model, config, [inputs[i] for i in slots], [audits[i] for i in slots], progress)
+        chain.run(torch.stack(pixels).to(model.device))
+    _finish_costs([a.row for a in audits], model, time.perf_counter() - started, slots)
+    return audits
+
+
+def audit(images, model, config: AuditConfig | None = None, *, batch_size: int = 8, progress=None) -> list[AuditRow]:
+    """Audit images (paths, URLs or ImageInput) against a model (a loaded model or a checkpoint ref)."""
+    from memray.models import load_model
+
+    loaded = load_model(model) if isinstance(model, str) else model
+    config = config or AuditConfig()
+    items = list(images)
+    run_id = uuid.uuid4().hex[:12]
+    rows = []
+    for start in range(0, len(items), batch_size):
+        batch = audit_batch(loaded, items[start : start + batch_size], config, run_id=run_id, progress=progress)
+        rows += [a.row for a in batch]
+    return rows
+
+
+def _identity_row(inp: ImageInput, loaded, config: AuditConfig, run_id: str) -> AuditRow:
+    return AuditRow(
+        image_id=inp.image_id,
+        source=inp.source or inp.uri,
+        caption=inp.caption,
+        model=loaded.slug,
+        model_ref=loaded.ref,
+        model_fingerprint=loaded.fingerprint,
+        config_hash=config.hash(),
+        config=config.to_json(),
+        run_id=run_id,
+        audited_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        device=str(loaded.adapter.device),
+        similarity_kind=config.similarity.kind,
+    )
+
+
+def _fail(row: AuditRow, message: str) -> None:
+    row.status, row.error = "error", message
+
+
+def _finish_costs(rows, model, seconds: float, slots) -> None:
+    """Evaluation counts per image; wall time split in proportion to each image's evaluations."""
+    counter = model.counter
+    total = int(counter.forwards.sum() + counter.backwards.sum()) if slots else 0
+    for k, i in enumerate(slots):
+        rows[i].unet_forwards = int(counter.forwards[k])
+        rows[i].unet_backwards = int(counter.backwards[k])
+        share = (counter.forwards[k] + counter.backwards[k]) / total if total else 1 / len(slots)
+        rows[i].seconds = float(seconds * share)
+    for row in rows:
+        if row.seconds is None:
+            row.unet_forwards, row.unet_backwards, row.seconds = 0, 0, 0.0
+
+
+def _value(x) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+class _MeasureChain:
+    """Runs the configured measures on the decoded images of one batch, image errors isolated."""
+
+    def __init__(self, model, config: AuditConfig, inputs, audits, progress):
+        self.model, self.config, self.inputs, self.audits, self.progress = model, config, inputs, audits, progress
+        self.measures = supported_measures(config, model)
+        self.similarity = build_similarity(
+            config.similarity.kind, threshold=config.similarity.threshold, sscd_path=config.similarity.sscd_path
+        )
+        self.alive = list(range(len(inputs)))
+        self.ids = [inp.image_id for inp in inputs]
+
+    def gens(self, stream: str, slots):
+        return rng.image_generators([self.ids[s] for s in slots], self.config.seed, stream, self.model.device)
+
+    def fail(self, slots, message: str) -> None:
+        for s in slots:
+            _fail(self.audits[s].row, message)
+        self.alive = [s for s in self.alive if s not in set(slots)]
+
+    def drop_nonfinite(self, slots, finite, measure: str) -> None:
+        bad = [s for s, ok in zip(slots, finite) if not ok]
+        if bad:
+            self.fail(bad, f"non-finite values during {measure}; the optimisation diverged for this image")
+
+    def run(self, pixels: torch.Tensor) -> None:
+        model = self.model
+        model.counter.reset(len(self.inputs))
+        z0 = model.encode_images(pixels)
+        finite = z0.flatten(1).isfinite().all(1).tolist()
+        self.drop_nonfinite(list(range(len(finite))), finite, "encoding")
+        for s in self.alive:
+            self.audits[s].z0 = z0[s].detach().cpu()
+        self.z0 = z0
+        self.owner = torch.arange(len(self.inputs), device=model.device)
+        soft = None
+        for name in ("invmm", "z0_error", "noise_inversion", "prompt_inversion", "wasserstein", "wen"):
+            if name not in self.measures or not self.alive:
+                continue
+            if name == "wasserstein" and soft is None:
+                continue
+            result = getattr(self, f"run_{name}")(soft) if name == "wasserstein" else getattr(self, f"run_{name}")()
+            if name == "prompt_inversion":
+                soft = result
+        for s in self.alive:
+            row = self.audits[s].row
+            row.verdict, row.verdict_rule = decide(row, self.config.verdict)
+        if "hard_prompt" in self.measures:
+            self.run_hard_prompt()
+
+    def select(self):
+        slots = list(self.alive)
+        index = torch.tensor(slots, device=self.model.device)
+        return slots, index
+
+    def run_invmm(self):
+        slots, idx = self.select()
+        result = invmm(self.model, self.z0[idx], self.gens("invmm", slots), self.owner[idx], self.config.invmm, self.similarity, progress=self.progress)
+        for k, s in enumerate(slots):
+            row = self.audits[s].row
+            row.invmm_replicated = bool(result.replicated[k])
+            row.invmm_kl = _value(result.kl[k]) if result.replicated[k] else None
+            row.invmm_steps = int(result.steps[k])
+            row.invmm_similarity = _value(result.similarity[k])
+            row.invmm_guidance = _value(result.guidance[k])
+            row.invmm_prompt = result.prompts[k]
+            self.audits[s].invmm_mu, self.audits[s].invmm_log_var = result.mu[k], result.log_var[k]
+        self.drop_nonfinite(slots, result.finite, "InvMM")
+
+    def run_z0_error(self):
+        slots, idx = self.select()
+        cfg = self.config.z0_error
+        gens = self.gens("z0_error", slots)
+        n = cfg.noises
+        eps = rng.randn_per_image(gens, (n, *self.z0.shape[1:])).flatten(0, 1)
+        cond = self.model.empty_condition(len(slots) * n)
+        with torch.no_grad():
+            err = z0_prediction_error(
+                self.model,
+                self.z0[idx].repeat_interleave(n, 0),
+                eps,
+                cond,
+                self.model.measure_timesteps(cfg.timesteps),
+                self.owner[idx].repeat_interleave(n),
+            )
+        err = err.reshape(len(slots), n).mean(1).cpu().numpy()
+        for k, s in enumerate(slots):
+            self.audits[s].row.z0_error = _value(err[k])
+        self.drop_nonfinite(slots, np.isfinite(err), "the z0-prediction error")
+
+    def run_noise_inversion(self):
+        slots, idx = self.select()
+        cfg = self.config.noise_inversion
+        cond = self.model.empty_condition(len(slots))
+        z0, owner = self.z0[idx], self.owner[idx]
+        finite = np.ones(len(slots), dtype=bool)
+        if cfg.unregularized:
+            plain = invert_noise(self.model, z0, cond, self.gens("noise_plain", slots), owner, cfg, regularized=False, progress=self.progress)
+            finite &= plain.finite
+            for k, s in enumerate(slots):
+                self.audits[s].row.noise_ks_p_unregularized = _value(plain.ks_p[k])
+                self.audits[s].row.noise_error_unregularized = _value(plain.final_error[k])
+        if cfg.regularized:
+            reg = invert_noise(self.model, z0, cond, self.gens("noise_reg", slots), owner, cfg, regularized=True, progress=self.progress)
+            finite &= reg.finite
+            for k, s in enumerate(slots):
+                row = self.audits[s].row
+                row.noise_ks_p, row.noise_kl = _value(reg.ks_p[k]), _value(reg.kl[k])
+                row.noise_mu_mean, row.noise_sigma2_mean = _value(reg.mu_mean[k]), _value(reg.sigma2_mean[k])
+                row.noise_error = _value(reg.final_error[k])
+        self.drop_nonfinite(slots, finite, "noise inversion")
+
+    def run_prompt_inversion(self):
+        slots, idx = self.select()
+        result = soft_prompt_inversion(self.model, self.z0[idx], self.gens("soft_prompt", slots), self.owner[idx], self.config.prompt_inversion, progress=self.progress)
+        for k, s in enumerate(slots):
+            row = self.audits[s].row
+            row.soft_prompt_error, row.soft_prompt_norm = _value(result.final_error[k]), _value(result.norm[k])
+        self.drop_nonfinite(slots, result.finite, "soft prompt inversion")
+        return dict(zip(slots, result.embeddings))
+
+    def run_wasserstein(self, soft):
+        slots, idx = self.select()
+        with torch.no_grad():
+            cond = prompt_condition(self.model, torch.stack([soft[s] for s in slots]))
+        result = memorization_wasserstein(self.model, self.z0[idx], cond, self.gens("wasserstein", slots), self.owner[idx], self.config.wasserstein)
+        for k, s in enumerate(slots):
+            row = self.audits[s].row
+            row.wasserstein, row.wasserstein_shift_sd = _value(result.w1[k]), _value(result.shift_sd[k])
+            row.err_uncond_mean, row.err_cond_mean = _value(result.err_uncond_mean[k]), _value(result.err_cond_mean[k])
+            self.audits[s].err_uncond, self.audits[s].err_cond = result.err_uncond[k], result.err_cond[k]
+        self.drop_nonfinite(slots, np.isfinite(result.w1), "the Wasserstein measure")
+
+    def run_wen(self):
+        slots = [s for s in self.alive if self.inputs[s].caption]
+        if not slots:
+            return
+        idx = torch.tensor(slots, device=self.model.device)
+        result = wen_screen(self.model, [self.inputs[s].caption for s in slots], self.gens("wen", slots), self.owner[idx], self.config.wen)
+        for k, s in enumerate(slots):
+            self.audits[s].row.wen_score = _value(result.score[k])
+            self.audits[s].row.wen_tokens = json.dumps(result.attribution[k])
+
+    def run_hard_prompt(self):
+        run_for = self.config.hard_prompt.run_for
+        slots = [s for s in self.alive if run_for == "always" or (run_for == "memorized" and self.audits[s].row.verdict == "memorized")]
+        if not slots:
+            return
+        idx = torch.tensor(slots, device=self.model.device)
+        result = hard_prompt_inversion(
+            self.model,
+            self.z0[idx],
+            self.gens("hard_prompt", slots),
+            self.owner[idx],
+            self.config.hard_prompt,
+            self.config.prompt_inversion,
+            self.similarity,
+            guidance_scales=self.config.invmm.guidance_scales,
+            sampling_steps=self.config.invmm.sampling_steps,
+        )
+        for k, s in enumerate(slots):
+            row = self.audits[s].row
+            row.hard_prompt, row.hard_prompt_error = result.prompts[k], _value(result.error[k])
+            row.hard_prompt_replicated = bool(result.replicated[k])

@@ -1,0 +1,100 @@
+"""Catalog schema version 1: one row per (image, model fingerprint, audit config).
+
+This file is the only place that names the columns; `AuditRow` is what the audit layer fills.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+VERDICTS = ("memorized", "not_memorized", "inconclusive")
+
+
+@dataclass
+class AuditRow:
+    """Every column of a catalog row; None where a measure did not run or does not apply."""
+
+    # identity
+    image_id: str
+    image_sha256: str | None = None
+    source: str | None = None
+    caption: str | None = None
+    width: int | None = None
+    height: int | None = None
+    # model and run
+    model: str | None = None
+    model_ref: str | None = None
+    model_fingerprint: str | None = None
+    config_hash: str | None = None
+    config: str | None = None
+    run_id: str | None = None
+    audited_at: str | None = None
+    schema_version: int = SCHEMA_VERSION
+    # M5 InvMM
+    invmm_kl: float | None = None  # null when never replicated (censored)
+    invmm_replicated: bool | None = None
+    invmm_steps: int | None = None
+    invmm_similarity: float | None = None
+    invmm_guidance: float | None = None
+    invmm_prompt: str | None = None
+    # M1-M4 (paper v1)
+    z0_error: float | None = None
+    wasserstein: float | None = None
+    wasserstein_shift_sd: float | None = None
+    err_uncond_mean: float | None = None
+    err_cond_mean: float | None = None
+    soft_prompt_error: float | None = None
+    soft_prompt_norm: float | None = None
+    noise_ks_p: float | None = None  # regularised inversion with the empty prompt
+    noise_kl: float | None = None
+    noise_mu_mean: float | None = None
+    noise_sigma2_mean: float | None = None
+    noise_error: float | None = None
+    noise_ks_p_unregularized: float | None = None
+    noise_error_unregularized: float | None = None
+    hard_prompt: str | None = None
+    hard_prompt_error: float | None = None
+    hard_prompt_replicated: bool | None = None
+    # M6 screen
+    wen_score: float | None = None
+    wen_tokens: str | None = None  # JSON [[token, attribution], ...]
+    # verdict
+    verdict: str | None = None
+    verdict_rule: str | None = None
+    similarity_kind: str | None = None
+    # cost
+    unet_forwards: int | None = None
+    unet_backwards: int | None = None
+    seconds: float | None = None
+    device: str | None = None
+    # outcome
+    status: str = "ok"
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        """The row as a plain dict, columns in schema order."""
+        return dataclasses.asdict(self)
+
+
+_ARROW_TYPES = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_()}
+
+
+def _arrow_type(annotation: str) -> pa.DataType:
+    base = annotation.split("|")[0].strip()
+    return _ARROW_TYPES[{"str": str, "int": int, "float": float, "bool": bool}[base]]
+
+
+ARROW_SCHEMA = pa.schema(
+    [pa.field(f.name, _arrow_type(f.type), nullable=f.name not in ("image_id", "status")) for f in dataclasses.fields(AuditRow)],
+    metadata={"memray_schema_version": str(SCHEMA_VERSION)},
+)
+COLUMNS = tuple(ARROW_SCHEMA.names)
+
+
+def rows_to_table(rows: list[AuditRow]) -> pa.Table:
+    """Rows -> an Arrow table with the catalog schema (types fixed even when a column is all null)."""
+    return pa.Table.from_pylist([row.to_dict() for row in rows], schema=ARROW_SCHEMA)

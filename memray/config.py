@@ -1,0 +1,229 @@
+"""The audit configuration: typed, validated, loadable from TOML/YAML, and hashed.
+
+The hash identifies results in the catalog, so it covers everything that changes a result
+(measures, hyperparameters, seed, thresholds) and nothing that does not (device, batch size).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from memray.measures.invmm import InvMMConfig
+from memray.measures.noise_inversion import NoiseInversionConfig
+from memray.measures.prompt_inversion import HardPromptConfig, SoftPromptConfig
+from memray.measures.wasserstein import WassersteinConfig
+from memray.measures.wen import WenConfig
+from memray.measures.z0_error import Z0ErrorConfig
+
+MEASURES = ("z0_error", "noise_inversion", "prompt_inversion", "wasserstein", "invmm", "wen", "hard_prompt")
+V1_CHAIN = ("z0_error", "noise_inversion", "prompt_inversion", "wasserstein")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run: unknown key, wrong type or value out of range."""
+
+
+@dataclass(frozen=True)
+class SimilarityConfig:
+    """Which similarity decides replication, and its threshold (None: the kind's default)."""
+
+    kind: str = "tiled_l2"  # "sscd" (needs sscd_path), "tiled_l2" or "latent_l2"
+    threshold: float | None = None
+    sscd_path: str | None = None
+
+
+@dataclass(frozen=True)
+class VerdictConfig:
+    """The rule from scores to memorized / not_memorized / inconclusive."""
+
+    invmm_kl_max: float = 0.5  # replicated with KL at most this: memorized
+    shift_sd_memorized: float = 10.0  # Chebyshev: P <= 1/k^2 = 1% under the safe model
+    shift_sd_clear: float = 3.0
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """How untrusted image bytes become model input."""
+
+    allow_upscale: bool = False
+    max_pixels: int = 89_478_485
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """Everything that determines an audit's results. Reference hyperparameters are the defaults."""
+
+    measures: tuple[str, ...] = ("invmm", "z0_error", "noise_inversion", "prompt_inversion", "wasserstein", "wen", "hard_prompt")
+    seed: int = 0
+    images: ImageConfig = field(default_factory=ImageConfig)
+    similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
+    z0_error: Z0ErrorConfig = field(default_factory=Z0ErrorConfig)
+    noise_inversion: NoiseInversionConfig = field(default_factory=NoiseInversionConfig)
+    prompt_inversion: SoftPromptConfig = field(default_factory=SoftPromptConfig)
+    hard_prompt: HardPromptConfig = field(default_factory=HardPromptConfig)
+    wasserstein: WassersteinConfig = field(default_factory=WassersteinConfig)
+    invmm: InvMMConfig = field(default_factory=InvMMConfig)
+    wen: WenConfig = field(default_factory=WenConfig)
+    verdict: VerdictConfig = field(default_factory=VerdictConfig)
+
+    def __post_init__(self):
+        validate(self)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict (tuples as lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def to_json(self) -> str:
+        """Canonical JSON: sorted keys, no whitespace; what the hash is taken of."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def hash(self) -> str:
+        """First 16 hex digits of sha256 of the canonical JSON."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+    def replace(self, **changes) -> AuditConfig:
+        """A copy with nested changes: replace(invmm={"steps": 100}, seed=1)."""
+        merged = self.to_dict()
+        for key, value in changes.items():
+            merged[key] = {**merged[key], **value} if isinstance(value, dict) else value
+        return from_dict(merged)
+
+
+def _build(cls, data, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a table of settings, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {unknown}; known: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _coerce(hints[name], value, f"{where}.{name}" if where else name) for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where or 'config'}: {exc}") from exc
+
+
+def _coerce(hint, value, where: str):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(args[0], v, where) for v in value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (type(value) is not hint):
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def validate(config: AuditConfig) -> None:
+    """Range and consistency checks, so faults surface at start-up, not hours into a job."""
+    problems = []
+    unknown = sorted(set(config.measures) - set(MEASURES))
+    if unknown:
+        problems.append(f"measures: unknown {unknown}; known: {list(MEASURES)}")
+    if "wasserstein" in config.measures and "prompt_inversion" not in config.measures:
+        problems.append("measures: 'wasserstein' needs 'prompt_inversion' (it compares against the inverted prompt)")
+    positive = {
+        "z0_error.timesteps": config.z0_error.timesteps,
+        "z0_error.noises": config.z0_error.noises,
+        "noise_inversion.samples_per_step": config.noise_inversion.samples_per_step,
+        "noise_inversion.ks_samples": config.noise_inversion.ks_samples,
+        "prompt_inversion.samples_per_step": config.prompt_inversion.samples_per_step,
+        "hard_prompt.tokens": config.hard_prompt.tokens,
+        "hard_prompt.top_k": config.hard_prompt.top_k,
+        "hard_prompt.restarts": config.hard_prompt.restarts,
+        "hard_prompt.test_samples": config.hard_prompt.test_samples,
+        "wasserstein.noises": config.wasserstein.noises,
+        "wasserstein.timesteps": config.wasserstein.timesteps,
+        "invmm.steps": config.invmm.steps,
+        "invmm.samples_per_step": config.invmm.samples_per_step,
+        "invmm.check_every": config.invmm.check_every,
+        "invmm.check_noises": config.invmm.check_noises,
+        "invmm.sampling_steps": config.invmm.sampling_steps,
+        "invmm.loss_window": config.invmm.loss_window,
+        "invmm.temperature": config.invmm.temperature,
+        "invmm.lr": config.invmm.lr,
+        "wen.generations": config.wen.generations,
+        "wen.steps": config.wen.steps,
+        "images.max_pixels": config.images.max_pixels,
+    }
+    problems += [f"{name}: must be > 0, got {value}" for name, value in positive.items() if not value > 0]
+    if config.wasserstein.noises < 2:
+        problems.append("wasserstein.noises: needs at least 2 noises for a spread")
+    if config.hard_prompt.top_k ** config.hard_prompt.tokens > 100_000:
+        problems.append("hard_prompt: top_k ** tokens candidates exceed 100000; lower one of them")
+    if config.wen.steps > config.wen.sampling_steps:
+        problems.append("wen.steps: cannot exceed wen.sampling_steps")
+    choices = {
+        "similarity.kind": (config.similarity.kind, ("sscd", "tiled_l2", "latent_l2")),
+        "prompt_inversion.regularizer": (config.prompt_inversion.regularizer, ("r1", "r2", "none")),
+        "hard_prompt.run_for": (config.hard_prompt.run_for, ("memorized", "always", "never")),
+        "invmm.check_prompt": (config.invmm.check_prompt, ("argmax", "soft")),
+    }
+    problems += [f"{name}: {value!r} not in {allowed}" for name, (value, allowed) in choices.items() if value not in allowed]
+    if config.similarity.kind == "sscd" and not config.similarity.sscd_path:
+        problems.append("similarity.sscd_path: required when similarity.kind = 'sscd'")
+    if not config.invmm.guidance_scales:
+        problems.append("invmm.guidance_scales: needs at least one scale")
+    if problems:
+        raise ConfigError("invalid audit configuration:\n  " + "\n  ".join(problems))
+
+
+def from_dict(data: dict) -> AuditConfig:
+    """Build and validate an AuditConfig from nested plain data."""
+    return _build(AuditConfig, data, "")
+
+
+def load_config(path: str | Path) -> AuditConfig:
+    """Load a .toml, .yaml/.yml or .json configuration file; unspecified settings keep their defaults."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix == ".toml":
+        data = tomllib.loads(text)
+    elif path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    elif path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        raise ConfigError(f"{path}: unknown configuration format (use .toml, .yaml or .json)")
+    preset = data.pop("preset", None)
+    base = PRESETS[preset]().to_dict() if preset else {}
+    for key, value in data.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return from_dict(base)
+
+
+def quick_config() -> AuditConfig:
+    """Small budgets for tests, CPU demos and smoke runs: same measures, far fewer evaluations."""
+    return AuditConfig(
+        z0_error=Z0ErrorConfig(timesteps=10, noises=4),
+        noise_inversion=NoiseInversionConfig(steps=20, regularized_steps=20, samples_per_step=4, ks_samples=50),
+        prompt_inversion=SoftPromptConfig(steps=20, samples_per_step=4),
+        hard_prompt=HardPromptConfig(tokens=2, top_k=3, restarts=2, test_samples=2, steps=10),
+        wasserstein=WassersteinConfig(noises=32, timesteps=10),
+        invmm=InvMMConfig(steps=40, samples_per_step=4, check_every=20, check_noises=2, guidance_scales=(1.0, 3.0), sampling_steps=10, loss_window=20),
+        wen=WenConfig(generations=2, steps=1, sampling_steps=10),
+    )
+
+
+PRESETS = {"reference": AuditConfig, "quick": quick_config}

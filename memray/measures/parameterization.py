@@ -1,0 +1,42 @@
+"""Network output -> (eps_hat, z0_hat) for each diffusers `prediction_type`.
+
+With z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps (SCIENCE.md, notation):
+  epsilon:      z0_hat = (z_t - sqrt(1-abar_t) eps_hat) / sqrt(abar_t)
+  v_prediction: z0_hat = sqrt(abar_t) z_t - sqrt(1-abar_t) v_hat,  eps_hat = sqrt(1-abar_t) z_t + sqrt(abar_t) v_hat
+  sample:       z0_hat = output,  eps_hat = (z_t - sqrt(abar_t) z0_hat) / sqrt(1-abar_t)
+Getting this wrong silently breaks every measure on SD 2.x, so it lives in one place.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def _per_sample(abar_t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return abar_t.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def noisy_sample(z0: torch.Tensor, eps: torch.Tensor, abar_t: torch.Tensor) -> torch.Tensor:
+    """Forward process: z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps."""
+    a = _per_sample(abar_t, z0)
+    return a.sqrt() * z0 + (1 - a).sqrt() * eps
+
+
+def eps_and_z0(output: torch.Tensor, z_t: torch.Tensor, abar_t: torch.Tensor, prediction_type: str):
+    """Convert a network output at (z_t, t) into the noise and clean-sample predictions."""
+    a = _per_sample(abar_t, z_t)
+    sqrt_a, sqrt_1ma = a.sqrt(), (1 - a).sqrt()
+    if prediction_type == "epsilon":
+        eps_hat = output
+        z0_hat = (z_t - sqrt_1ma * output) / sqrt_a
+    elif prediction_type == "v_prediction":
+        z0_hat = sqrt_a * z_t - sqrt_1ma * output
+        eps_hat = sqrt_1ma * z_t + sqrt_a * output
+    elif prediction_type == "sample":
+        z0_hat = output
+        eps_hat = (z_t - sqrt_a * output) / sqrt_1ma
+    else:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+    return eps_hat, z0_hat

@@ -1,0 +1,26 @@
+"""Pixel-space unconditional DDPM: a UNet2DModel denoising images in [-1, 1] directly."""
+
+from __future__ import annotations
+
+from memray.models.adapter import DiffusionAdapter
+
+
+class PixelDDPMAdapter(DiffusionAdapter):
+    """UNet2DModel + DDPM/DDIM scheduler; z0 is the image itself, there is no text condition."""
+
+    family = "ddpm"
+    is_conditional = False
+
+    def __init__(self, unet, scheduler, *, device="cpu", autocast_dtype=None):
+        super().__init__(unet, scheduler, device=device, autocast_dtype=autocast_dtype)
+        self.resolution = int(unet.config.sample_size)
+        self.latent_shape = (int(unet.config.in_channels), self.resolution, self.resolution)
+
+    def encode_images(self, pixels):
+        return pixels.to(self.device).float()
+
+    def decode_latents(self, z0):
+        return z0.float().clamp(-1, 1)
+
+    def _unet_output(self, z_t, t, cond):
+        return self.unet(z_t.to(self.unet.dtype), t).sample

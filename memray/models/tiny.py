@@ -1,0 +1,142 @@
+"""Tiny, randomly initialised diffusers checkpoints built offline, in the real on-disk layouts.
+
+They exist so that tests and the no-download quick start exercise exactly the loading and
+measuring code that a real Stable Diffusion or DDPM checkpoint goes through.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# A small word list is enough for a real BPE tokenizer: characters plus whole-word merges.
+TINY_WORDS = (
+    "a an the of on in with and photo picture painting red green blue yellow white black "
+    "circle square triangle stripes dots cat dog house tree sky background small large"
+).split()
+
+
+def build_tiny_clip_tokenizer(words=TINY_WORDS):
+    """A real CLIPTokenizer (byte-pair merges) over a tiny vocabulary, built with no files."""
+    from transformers import CLIPTokenizer
+
+    chars = sorted(set("".join(words)) | set("abcdefghijklmnopqrstuvwxyz0123456789"))
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    merges = []
+    for word in words:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merged = pieces[0] + pieces[1]
+            if (pieces[0], pieces[1]) not in merges:
+                merges.append((pieces[0], pieces[1]))
+            vocab.setdefault(merged, len(vocab))
+            pieces = [merged] + pieces[2:]
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges)
+
+
+def build_tiny_sd(
+    path: str | Path,
+    *,
+    prediction_type: str = "epsilon",
+    resolution: int = 32,
+    max_length: int = 12,
+    seed: int = 0,
+    scheduler: str = "ddim",
+) -> Path:
+    """Save a tiny Stable Diffusion pipeline (VAE, CLIP text encoder, UNet, scheduler) to `path`."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DDPMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_clip_tokenizer()
+    tokenizer.model_max_length = max_length
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=resolution,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=resolution // 4,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    schedule = dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type=prediction_type,
+        clip_sample=False,
+    )
+    if scheduler == "ddim":
+        noise_scheduler = DDIMScheduler(**schedule, set_alpha_to_one=False)
+    else:
+        noise_scheduler = DDPMScheduler(**schedule)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=noise_scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(path), safe_serialization=True)
+    return Path(path)
+
+
+def build_tiny_ddpm(path: str | Path, *, resolution: int = 16, seed: int = 0) -> Path:
+    """Save a tiny unconditional pixel-space DDPM pipeline (UNet2DModel + DDPMScheduler) to `path`."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(
+        sample_size=resolution,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+    )
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(path), safe_serialization=True)
+    return Path(path)
