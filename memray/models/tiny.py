@@ -103,6 +103,7 @@ def build_tiny_sd(
         beta_schedule="scaled_linear",
         prediction_type=prediction_type,
         clip_sample=False,
+        steps_offset=1,
     )
     if scheduler == "ddim":
         noise_scheduler = DDIMScheduler(**schedule, set_alpha_to_one=False)
