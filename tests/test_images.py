@@ -238,17 +238,20 @@ def test_to_model_tensor_shape_range_dtype():
     assert tensor.dtype == torch.float32
     assert tensor.min() >= -1.0 and tensor.max() <= 1.0
     assert tensor.is_contiguous()
-    assert torch.equal(to_model_tensor(Image.new("RGB", (32, 32), "white"), 32), torch.ones(3, 32, 32))
-    assert torch.equal(to_model_tensor(Image.new("RGB", (32, 32), "black"), 32), -torch.ones(3, 32, 32))
+    white = to_model_tensor(Image.new("RGB", (32, 32), "white"), 32)
+    black = to_model_tensor(Image.new("RGB", (32, 32), "black"), 32)
+    assert torch.equal(white, torch.ones(3, 32, 32))
+    assert torch.equal(black, -torch.ones(3, 32, 32))
 
 
 def _three_bands(size: tuple[int, int], horizontal: bool) -> Image.Image:
     image = Image.new("RGB", size)
     colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
-    step = (size[0] if horizontal else size[1]) // 3
+    width, height = size
+    step = (width if horizontal else height) // 3
     for i, colour in enumerate(colours):
-        box = (i * step, 0, (i + 1) * step, size[1]) if horizontal else (0, i * step, size[0], (i + 1) * step)
-        image.paste(colour, box)
+        start, stop = i * step, (i + 1) * step
+        image.paste(colour, (start, 0, stop, height) if horizontal else (0, start, width, stop))
     return image
 
 
@@ -267,11 +270,13 @@ def test_to_model_tensor_refuses_to_upscale_by_default():
     small = Image.new("RGB", (20, 30), (255, 0, 0))
     with pytest.raises(ImageDecodeError) as caught:
         to_model_tensor(small, 32)
-    expected = "image is 20x30, smaller than the model resolution 32 (set allow_upscale to upsample)"
-    assert str(caught.value) == expected
+    assert str(caught.value) == (
+        "image is 20x30, smaller than the model resolution 32 (set allow_upscale to upsample)"
+    )
     tensor = to_model_tensor(small, 32, allow_upscale=True)
     assert tensor.shape == (3, 32, 32)
-    assert torch.allclose(tensor, torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1).expand(3, 32, 32), atol=0.02)
+    red = torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1).expand(3, 32, 32)
+    assert torch.allclose(tensor, red, atol=0.02)
 
 
 def test_to_model_tensor_needs_rgb():
@@ -299,7 +304,10 @@ def test_read_bytes_fsspec_url():
 
 @pytest.mark.parametrize("where", ["local", "memory"])
 def test_read_bytes_missing_file(where, tmp_path):
-    uri = str(tmp_path / "absent.png") if where == "local" else f"memory://memray-tests/{uuid.uuid4().hex}"
+    if where == "local":
+        uri = str(tmp_path / "absent.png")
+    else:
+        uri = f"memory://memray-tests/{uuid.uuid4().hex}.png"
     with pytest.raises(ImageDecodeError) as caught:
         read_bytes(uri)
     assert str(caught.value) == f"missing file: {uri}"

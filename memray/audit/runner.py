@@ -12,7 +12,7 @@ import json
 import math
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ from memray.data.images import ImageDecodeError, decode_image, read_bytes, sha25
 from memray.measures import rng
 from memray.measures.invmm import invmm
 from memray.measures.noise_inversion import invert_noise
+from memray.measures.sampling import aligned_start, ddim_generate
 from memray.measures.prompt_inversion import hard_prompt_inversion, prompt_condition, soft_prompt_inversion
 from memray.measures.similarity import build_similarity
 from memray.measures.wasserstein import memorization_wasserstein
@@ -54,8 +55,8 @@ class ImageAudit:
     err_cond: np.ndarray | None = None
     invmm_mu: torch.Tensor | None = None
     invmm_log_var: torch.Tensor | None = None
+    invmm_prompt_ids: torch.Tensor | None = None
     z0: torch.Tensor | None = None
-    extras: dict = field(default_factory=dict)
 
 
 def supported_measures(config: AuditConfig, model) -> tuple[str, ...]:
@@ -122,6 +123,29 @@ def audit(images, model, config: AuditConfig | None = None, *, batch_size: int =
         batch = audit_batch(loaded, items[start : start + batch_size], config, run_id=run_id, progress=progress)
         rows += [a.row for a in batch]
     return rows
+
+
+@torch.no_grad()
+def replica_samples(loaded, image_audit: ImageAudit, config: AuditConfig, count: int = 4) -> torch.Tensor:
+    """Generate `count` samples from the image's InvMM noise distribution and prompt: pixels (count, 3, R, R)."""
+    model = loaded.adapter
+    if image_audit.invmm_mu is None:
+        raise ValueError(f"{image_audit.row.image_id}: InvMM did not run, so there is no distribution to sample")
+    gen = rng.image_generators([image_audit.row.image_id], config.seed, "replicas", model.device)
+    mu = image_audit.invmm_mu.to(model.device)
+    sigma = (0.5 * image_audit.invmm_log_var.to(model.device)).exp()
+    noises = mu + sigma * rng.randn_per_image(gen, (count, *mu.shape))[0]
+    z0 = image_audit.z0.to(model.device).expand(count, *mu.shape)
+    cond = None
+    if model.is_conditional:
+        ids = model.prompt_ids(image_audit.invmm_prompt_ids.to(model.device).unsqueeze(0))
+        cond = model.encode_ids(ids).expand(count, -1, -1)
+    guidance = torch.full((count,), image_audit.row.invmm_guidance or 1.0, device=model.device)
+    steps = config.invmm.sampling_steps
+    z_T = aligned_start(model, z0, noises, steps) if config.invmm.aligned_start else noises
+    owner = torch.zeros(count, dtype=torch.long, device=model.device)
+    model.counter.reset(1)
+    return model.decode_latents(ddim_generate(model, z_T, cond, guidance, owner, steps))
 
 
 def _identity_row(inp: ImageInput, loaded, config: AuditConfig, run_id: str) -> AuditRow:
@@ -231,6 +255,8 @@ class _MeasureChain:
             row.invmm_guidance = _value(result.guidance[k])
             row.invmm_prompt = result.prompts[k]
             self.audits[s].invmm_mu, self.audits[s].invmm_log_var = result.mu[k], result.log_var[k]
+            if result.prompt_ids is not None:
+                self.audits[s].invmm_prompt_ids = result.prompt_ids[k]
         self.drop_nonfinite(slots, result.finite, "InvMM")
 
     def run_z0_error(self):

@@ -157,7 +157,7 @@ def to_model_tensor(
             f"image is {width}x{height}, smaller than the model resolution {resolution} "
             "(set allow_upscale to upsample)"
         )
-    # Truncating the longer side matches torchvision's Resize(int), used in Stable Diffusion training.
+    # Truncating the longer side matches torchvision's Resize(int), as in Stable Diffusion training.
     new_size = (resolution * width // shorter, resolution * height // shorter)
     # reducing_gap box-reduces by an integer factor first: much faster on big downscales, and at
     # a gap of 3 Pillow documents the result as indistinguishable from a full bicubic pass.

@@ -67,6 +67,7 @@ class InvMMResult:
     finite: np.ndarray
     mu: torch.Tensor  # (B, ...) the noise distribution at success (or at the end)
     log_var: torch.Tensor
+    prompt_ids: torch.Tensor | None  # (B, N) argmax tokens of the prompt distribution; None if unconditional
 
 
 class _PromptDistribution:
@@ -186,4 +187,5 @@ def invmm(model, z0, generators, owner, config: InvMMConfig, similarity, *, prog
         finite=finite.cpu().numpy(),
         mu=mu.cpu(),
         log_var=log_var.cpu(),
+        prompt_ids=None if prompt is None else prompt.logits.argmax(-1).cpu(),
     )

@@ -1,0 +1,242 @@
+"""Command line: `memray inspect`, `memray audit`, `memray demo`, `memray config`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+from memray.config import PRESETS, AuditConfig, ConfigError, load_config
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+class Progress:
+    """Progress of long optimisations on stderr: a redrawn line on a terminal, every 10% otherwise."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream, self.tty = stream, stream.isatty()
+        self.last = None
+        self.started = time.monotonic()
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        decile = done * 10 // total
+        if self.tty:
+            self.stream.write(f"\r  {label}: {done}/{total} ({time.monotonic() - self.started:.0f} s)   ")
+            if done == total:
+                self.stream.write("\n")
+        elif (label, decile) != self.last:
+            self.stream.write(f"  {label}: {done}/{total} ({time.monotonic() - self.started:.0f} s)\n")
+        self.last = (label, decile)
+        self.stream.flush()
+
+
+def _parse_override(text: str) -> tuple[list[str], object]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise ConfigError(f"--set {text!r}: expected SECTION.KEY=VALUE, e.g. invmm.steps=500")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value  # a bare word such as tiled_l2
+    return key.split("."), parsed
+
+
+def build_config(args) -> AuditConfig:
+    """Preset or file, then --set overrides, then the shortcut flags."""
+    config = load_config(args.config) if args.config else PRESETS[args.preset]()
+    data = config.to_dict()
+    for override in args.set or []:
+        path, value = _parse_override(override)
+        target = data
+        for part in path[:-1]:
+            target = target.setdefault(part, {})
+        target[path[-1]] = value
+    if args.sscd:
+        data["similarity"].update(kind="sscd", sscd_path=args.sscd)
+    if args.seed is not None:
+        data["seed"] = args.seed
+    from memray.config import from_dict
+
+    return from_dict(data)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint: local diffusers directory, fsspec URL or hub id")
+    parser.add_argument("--config", help="TOML/YAML/JSON audit configuration")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="reference", help="base configuration (default: reference hyperparameters)")
+    parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one setting, e.g. --set invmm.steps=500")
+    parser.add_argument("--sscd", help="SSCD TorchScript file: decide replication by SSCD similarity")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast precision on GPU")
+    parser.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin/.ckpt) weights: they can execute code on load")
+
+
+def _load(args):
+    from memray.models import load_model
+
+    return load_model(args.model, device=args.device, precision=args.precision, allow_pickle=args.allow_pickle)
+
+
+def _fit_measures(config: AuditConfig, loaded, explicit: bool) -> AuditConfig:
+    """Unconditional models cannot run prompt measures: drop them unless the user asked for them."""
+    from memray.audit.runner import supported_measures
+
+    if explicit:
+        return config
+    return config.replace(measures=list(supported_measures(config, loaded.adapter)))
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def cmd_inspect(args) -> int:
+    """Audit one image and write its figures."""
+    from memray.audit.runner import ImageInput, audit_batch, replica_samples
+    from memray.report.plots import save_error_distributions, save_image_row
+
+    config = build_config(args)
+    loaded = _load(args)
+    config = _fit_measures(config, loaded, explicit=any(s.startswith("measures=") for s in args.set or []) or bool(args.config))
+    image = Path(args.image)
+    item = ImageInput(image_id=image.name, uri=str(image), caption=args.caption, source=str(image))
+    print(f"memray inspect {image} with {loaded.ref} ({loaded.adapter.family}, {loaded.adapter.prediction_type}, "
+          f"{loaded.adapter.resolution}px, config {config.hash()})", file=sys.stderr)
+    (result,) = audit_batch(loaded, [item], config, progress=Progress())
+    row = result.row
+    for key, value in row.to_dict().items():
+        if key != "config":
+            print(f"{key:28s} {_fmt(value)}")
+    if row.status != "ok":
+        return 1
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    if result.invmm_mu is not None:
+        target = loaded.adapter.decode_latents(result.z0.unsqueeze(0).to(loaded.adapter.device))[0]
+        samples = replica_samples(loaded, result, config, count=args.samples)
+        written.append(save_image_row([target, *samples], out / "samples.png", scale=max(1, 256 // loaded.adapter.resolution)))
+    if result.err_uncond is not None:
+        title = f"{row.image_id}: W1 = {row.wasserstein:.4g}, shift = {row.wasserstein_shift_sd:.3g} sd"
+        written.append(save_error_distributions(result.err_uncond, result.err_cond, out / "error_distributions.png", title=title))
+    (out / "row.json").write_text(json.dumps(row.to_dict(), indent=2))
+    written.append(out / "row.json")
+    print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+    return 0
+
+
+def _collect_images(sources: list[str]) -> list[str]:
+    images = []
+    for source in sources:
+        path = Path(source)
+        if path.is_dir():
+            images += sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            images.append(source)
+    return images
+
+
+def print_ranked(rows, stream=sys.stdout) -> None:
+    """Rows ranked most memorised first: replicated by InvMM KL, then by Wasserstein shift."""
+    def rank(row):
+        return (row.status != "ok", row.invmm_kl is None, row.invmm_kl or 0.0, -(row.wasserstein_shift_sd or 0.0))
+
+    columns = ["image_id", "verdict", "invmm_kl", "invmm_similarity", "wasserstein", "wasserstein_shift_sd", "z0_error", "noise_ks_p", "wen_score", "unet_forwards", "seconds"]
+    table = [[_fmt(getattr(row, c)) if row.status == "ok" or c == "image_id" else (row.error if c == "verdict" else "") for c in columns] for row in sorted(rows, key=rank)]
+    widths = [max(len(c), *(len(r[i]) for r in table)) if table else len(c) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)), file=stream)
+    for r in table:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)), file=stream)
+
+
+def cmd_audit(args) -> int:
+    """Audit images (files, folders, URLs) in-process and write the rows as Parquet."""
+    import pyarrow.parquet as pq
+
+    from memray.audit.runner import audit
+    from memray.catalog.schema import rows_to_table
+
+    config = build_config(args)
+    loaded = _load(args)
+    config = _fit_measures(config, loaded, explicit=bool(args.config))
+    images = _collect_images(args.sources)
+    if not images:
+        print("no images found in " + ", ".join(args.sources), file=sys.stderr)
+        return 2
+    print(f"auditing {len(images)} images with {loaded.ref} (config {config.hash()})", file=sys.stderr)
+    rows = audit(images, loaded, config, batch_size=args.batch_size, progress=Progress())
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(rows_to_table(rows), out)
+    print_ranked(rows)
+    print(f"wrote {len(rows)} rows to {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Audit a few procedurally generated images with a tiny model built in code (no download)."""
+    from memray.audit.runner import ImageInput, audit
+    from memray.demo import demo_images, demo_model
+
+    loaded = demo_model(args.cache)
+    config = PRESETS["quick"]()
+    rows = audit([ImageInput(**item) for item in demo_images()], loaded, config, batch_size=8, progress=Progress())
+    print_ranked(rows)
+    return 0
+
+
+def cmd_config(args) -> int:
+    """Print the effective configuration as JSON with its hash."""
+    config = load_config(args.config) if args.config else PRESETS[args.preset]()
+    print(json.dumps({"config_hash": config.hash(), **config.to_dict()}, indent=2))
+    return 0
+
+
+def main(argv=None) -> int:
+    """Entry point of the `memray` command."""
+    parser = argparse.ArgumentParser(prog="memray", description="Audit diffusion checkpoints for memorized training images.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="every measure for one image, with figures")
+    p.add_argument("image")
+    p.add_argument("--caption", help="the image's caption (enables the prompt-based screen)")
+    p.add_argument("--out", default="memray-out/inspect", help="folder for samples.png, error_distributions.png, row.json")
+    p.add_argument("--samples", type=int, default=4, help="replicas to generate from the InvMM distribution")
+    _common(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("audit", help="audit image files / folders and write Parquet rows")
+    p.add_argument("sources", nargs="+", help="image files, folders (searched recursively) or fsspec URLs")
+    p.add_argument("--out", default="memray-out/audit.parquet")
+    p.add_argument("--batch-size", type=int, default=8)
+    _common(p)
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("demo", help="the whole chain on a tiny model built in code")
+    p.add_argument("--cache", default="memray-out/demo-model", help="where the tiny demo checkpoint is saved")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("config", help="print the effective configuration and its hash")
+    p.add_argument("--config")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="reference")
+    p.set_defaults(func=cmd_config)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"memray: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
