@@ -17,8 +17,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 class Progress:
     """Progress of long optimisations on stderr: a redrawn line on a terminal, every 10% otherwise."""
 
-    def __init__(self, stream=sys.stderr):
-        self.stream, self.tty = stream, stream.isatty()
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
         self.last = None
         self.started = time.monotonic()
 
@@ -145,8 +146,9 @@ def _collect_images(sources: list[str]) -> list[str]:
     return images
 
 
-def print_ranked(rows, stream=sys.stdout) -> None:
+def print_ranked(rows, stream=None) -> None:
     """Rows ranked most memorised first: replicated by InvMM KL, then by Wasserstein shift."""
+    stream = stream or sys.stdout
     def rank(row):
         return (row.status != "ok", row.invmm_kl is None, row.invmm_kl or 0.0, -(row.wasserstein_shift_sd or 0.0))
 

@@ -1,0 +1,81 @@
+"""AuditConfig: typed loading from TOML/YAML/JSON, validation at start-up, a hash that means something."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from memray.config import AuditConfig, ConfigError, from_dict, load_config, quick_config
+
+
+def test_defaults_are_the_reference_hyperparameters():
+    config = AuditConfig()
+    assert (config.invmm.steps, config.invmm.lr, config.invmm.samples_per_step) == (2000, 0.1, 16)
+    assert (config.invmm.temperature, config.invmm.check_every, config.invmm.check_noises) == (2.0, 50, 8)
+    assert (config.invmm.improvement_tol, config.invmm.kl_weight_init, config.invmm.loss_window) == (1e-3, 1.0, 100)
+    assert config.invmm.guidance_scales == (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0)
+    assert (config.noise_inversion.steps, config.noise_inversion.regularized_steps) == (1000, 500)
+    assert (config.noise_inversion.samples_per_step, config.noise_inversion.ks_samples) == (32, 1000)
+    assert (config.prompt_inversion.lr, config.prompt_inversion.weight, config.prompt_inversion.steps) == (0.01, 0.01, 500)
+    assert (config.wasserstein.noises, config.wasserstein.timesteps) == (1000, 50)
+    assert config.hard_prompt.restarts == 20
+
+
+def test_toml_yaml_and_json_load_the_same_config(tmp_path):
+    (tmp_path / "a.toml").write_text('seed = 3\nmeasures = ["invmm"]\n[invmm]\nsteps = 100\nguidance_scales = [1, 2.5]\n')
+    (tmp_path / "a.yaml").write_text("seed: 3\nmeasures: [invmm]\ninvmm:\n  steps: 100\n  guidance_scales: [1, 2.5]\n")
+    (tmp_path / "a.json").write_text(json.dumps({"seed": 3, "measures": ["invmm"], "invmm": {"steps": 100, "guidance_scales": [1, 2.5]}}))
+    configs = [load_config(tmp_path / name) for name in ("a.toml", "a.yaml", "a.json")]
+    assert configs[0] == configs[1] == configs[2]
+    assert configs[0].invmm.steps == 100 and configs[0].invmm.guidance_scales == (1.0, 2.5)
+    assert configs[0].invmm.lr == 0.1  # unspecified settings keep their defaults
+
+
+def test_preset_in_a_file_is_the_base_of_its_settings(tmp_path):
+    (tmp_path / "q.toml").write_text('preset = "quick"\n[invmm]\nsteps = 7\n')
+    config = load_config(tmp_path / "q.toml")
+    assert config.invmm.steps == 7
+    assert config.wasserstein.noises == quick_config().wasserstein.noises
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"invmm": {"stepz": 3}}, "unknown setting"),
+        ({"invmm": {"steps": "many"}}, "expected int"),
+        ({"invmm": {"steps": 0}}, "invmm.steps: must be > 0"),
+        ({"measures": ["invmm", "telepathy"]}, "unknown ['telepathy']"),
+        ({"measures": ["wasserstein"]}, "needs 'prompt_inversion'"),
+        ({"similarity": {"kind": "sscd"}}, "sscd_path"),
+        ({"similarity": {"kind": "psnr"}}, "similarity.kind"),
+        ({"hard_prompt": {"top_k": 100, "tokens": 5}}, "exceed 100000"),
+        ({"invmm": {"guidance_scales": []}}, "at least one scale"),
+        ({"invmm": 3}, "expected a table"),
+    ],
+)
+def test_invalid_configurations_fail_at_start_up_with_a_clear_message(data, message):
+    with pytest.raises(ConfigError) as info:
+        from_dict(data)
+    assert message in str(info.value)
+
+
+def test_hash_is_stable_and_sensitive_to_every_result_changing_setting():
+    base = AuditConfig()
+    assert base.hash() == AuditConfig().hash() == from_dict(base.to_dict()).hash()
+    changed = [
+        base.replace(seed=1),
+        base.replace(invmm={"steps": 1999}),
+        base.replace(similarity={"threshold": 0.8}),
+        base.replace(verdict={"invmm_kl_max": 0.4}),
+        base.replace(measures=["invmm"]),
+    ]
+    hashes = {c.hash() for c in changed} | {base.hash()}
+    assert len(hashes) == len(changed) + 1
+    assert len(base.hash()) == 16 and int(base.hash(), 16) >= 0
+
+
+def test_replace_merges_nested_sections():
+    config = AuditConfig().replace(invmm={"steps": 10})
+    assert config.invmm.steps == 10 and config.invmm.lr == 0.1
+    assert json.loads(config.to_json())["invmm"]["steps"] == 10
