@@ -13,7 +13,9 @@ from conftest import png_bytes
 from memray.catalog.schema import COLUMNS
 from memray.cli import main
 
-QUICK = ["--preset", "quick", "--set", "invmm.steps=20", "--set", "invmm.check_every=10"]
+SMALL = ("invmm.steps=20", "invmm.check_every=10", "noise_inversion.steps=5", "noise_inversion.regularized_steps=5",
+         "prompt_inversion.steps=5", "wasserstein.noises=8", "hard_prompt.restarts=1")
+QUICK = ["--preset", "quick", *(arg for setting in SMALL for arg in ("--set", setting))]
 
 
 def test_inspect_prints_every_measure_and_writes_figures(tiny_sd_dir, tmp_path, capsys):
