@@ -36,8 +36,14 @@ def main() -> None:
     model_dir = args.model or str(build_tiny_sd(tempfile.mkdtemp() + "/tiny-sd"))
     loaded = load_model(model_dir, device=args.device)
     device = loaded.adapter.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'} x{torch.get_num_threads()} threads"
-    print(f"model {loaded.slug} ({loaded.adapter.resolution}px), preset {args.preset}, {args.images} images per batch, device {name}")
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.processor() or 'cpu'} x{torch.get_num_threads()} threads"
+    )
+    print(
+        f"model {loaded.slug} ({loaded.adapter.resolution}px), preset {args.preset}, {args.images} images per batch, device {name}"
+    )
     print(f"{'measures':12s} {'forwards/img':>13s} {'backwards/img':>14s} {'seconds/img':>12s}  verdicts")
     images = [ImageInput(**item) for item in demo_images(args.images)]
     for group in args.groups:

@@ -6,8 +6,9 @@ import argparse
 import json
 import sys
 import time
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 from memray.config import PRESETS, AuditConfig, ConfigError, load_config
 
@@ -68,13 +69,24 @@ def build_config(args) -> AuditConfig:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint: local diffusers directory, fsspec URL or hub id")
     parser.add_argument("--config", help="TOML/YAML/JSON audit configuration")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="reference", help="base configuration (default: reference hyperparameters)")
-    parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one setting, e.g. --set invmm.steps=500")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="reference",
+        help="base configuration (default: reference hyperparameters)",
+    )
+    parser.add_argument(
+        "--set", action="append", metavar="SECTION.KEY=VALUE", help="override one setting, e.g. --set invmm.steps=500"
+    )
     parser.add_argument("--sscd", help="SSCD TorchScript file: decide replication by SSCD similarity")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast precision on GPU")
-    parser.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin/.ckpt) weights: they can execute code on load")
+    parser.add_argument(
+        "--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast precision on GPU"
+    )
+    parser.add_argument(
+        "--allow-pickle", action="store_true", help="allow pickle (.bin/.ckpt) weights: they can execute code on load"
+    )
 
 
 def _load(args):
@@ -107,11 +119,16 @@ def cmd_inspect(args) -> int:
 
     config = build_config(args)
     loaded = _load(args)
-    config = _fit_measures(config, loaded, explicit=any(s.startswith("measures=") for s in args.set or []) or bool(args.config))
+    config = _fit_measures(
+        config, loaded, explicit=any(s.startswith("measures=") for s in args.set or []) or bool(args.config)
+    )
     image = Path(args.image)
     item = ImageInput(image_id=image.name, uri=str(image), caption=args.caption, source=str(image))
-    print(f"memray inspect {image} with {loaded.ref} ({loaded.adapter.family}, {loaded.adapter.prediction_type}, "
-          f"{loaded.adapter.resolution}px, config {config.hash()})", file=sys.stderr)
+    print(
+        f"memray inspect {image} with {loaded.ref} ({loaded.adapter.family}, {loaded.adapter.prediction_type}, "
+        f"{loaded.adapter.resolution}px, config {config.hash()})",
+        file=sys.stderr,
+    )
     (result,) = audit_batch(loaded, [item], config, progress=Progress())
     row = result.row
     for key, value in row.to_dict().items():
@@ -125,10 +142,14 @@ def cmd_inspect(args) -> int:
     if result.invmm_mu is not None:
         target = loaded.adapter.decode_latents(result.z0.unsqueeze(0).to(loaded.adapter.device))[0]
         samples = replica_samples(loaded, result, config, count=args.samples)
-        written.append(save_image_row([target, *samples], out / "samples.png", scale=max(1, 256 // loaded.adapter.resolution)))
+        written.append(
+            save_image_row([target, *samples], out / "samples.png", scale=max(1, 256 // loaded.adapter.resolution))
+        )
     if result.err_uncond is not None:
         title = f"{row.image_id}: W1 = {row.wasserstein:.4g}, shift = {row.wasserstein_shift_sd:.3g} sd"
-        written.append(save_error_distributions(result.err_uncond, result.err_cond, out / "error_distributions.png", title=title))
+        written.append(
+            save_error_distributions(result.err_uncond, result.err_cond, out / "error_distributions.png", title=title)
+        )
     (out / "row.json").write_text(json.dumps(row.to_dict(), indent=2))
     written.append(out / "row.json")
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
@@ -149,11 +170,30 @@ def _collect_images(sources: list[str]) -> list[str]:
 def print_ranked(rows, stream=None) -> None:
     """Rows ranked most memorised first: replicated by InvMM KL, then by Wasserstein shift."""
     stream = stream or sys.stdout
+
     def rank(row):
         return (row.status != "ok", row.invmm_kl is None, row.invmm_kl or 0.0, -(row.wasserstein_shift_sd or 0.0))
 
-    columns = ["image_id", "verdict", "invmm_kl", "invmm_similarity", "wasserstein", "wasserstein_shift_sd", "z0_error", "noise_ks_p", "wen_score", "unet_forwards", "seconds"]
-    table = [[_fmt(getattr(row, c)) if row.status == "ok" or c == "image_id" else (row.error if c == "verdict" else "") for c in columns] for row in sorted(rows, key=rank)]
+    columns = [
+        "image_id",
+        "verdict",
+        "invmm_kl",
+        "invmm_similarity",
+        "wasserstein",
+        "wasserstein_shift_sd",
+        "z0_error",
+        "noise_ks_p",
+        "wen_score",
+        "unet_forwards",
+        "seconds",
+    ]
+    table = [
+        [
+            _fmt(getattr(row, c)) if row.status == "ok" or c == "image_id" else (row.error if c == "verdict" else "")
+            for c in columns
+        ]
+        for row in sorted(rows, key=rank)
+    ]
     widths = [max(len(c), *(len(r[i]) for r in table)) if table else len(c) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)), file=stream)
     for r in table:
@@ -205,13 +245,17 @@ def cmd_config(args) -> int:
 
 def main(argv=None) -> int:
     """Entry point of the `memray` command."""
-    parser = argparse.ArgumentParser(prog="memray", description="Audit diffusion checkpoints for memorized training images.")
+    parser = argparse.ArgumentParser(
+        prog="memray", description="Audit diffusion checkpoints for memorized training images."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="every measure for one image, with figures")
     p.add_argument("image")
     p.add_argument("--caption", help="the image's caption (enables the prompt-based screen)")
-    p.add_argument("--out", default="memray-out/inspect", help="folder for samples.png, error_distributions.png, row.json")
+    p.add_argument(
+        "--out", default="memray-out/inspect", help="folder for samples.png, error_distributions.png, row.json"
+    )
     p.add_argument("--samples", type=int, default=4, help="replicas to generate from the InvMM distribution")
     _common(p)
     p.set_defaults(func=cmd_inspect)

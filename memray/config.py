@@ -9,11 +9,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
 
 from memray.measures.invmm import InvMMConfig
 from memray.measures.noise_inversion import NoiseInversionConfig
@@ -60,7 +61,15 @@ class ImageConfig:
 class AuditConfig:
     """Everything that determines an audit's results. Reference hyperparameters are the defaults."""
 
-    measures: tuple[str, ...] = ("invmm", "z0_error", "noise_inversion", "prompt_inversion", "wasserstein", "wen", "hard_prompt")
+    measures: tuple[str, ...] = (
+        "invmm",
+        "z0_error",
+        "noise_inversion",
+        "prompt_inversion",
+        "wasserstein",
+        "wen",
+        "hard_prompt",
+    )
     seed: int = 0
     images: ImageConfig = field(default_factory=ImageConfig)
     similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
@@ -168,7 +177,7 @@ def validate(config: AuditConfig) -> None:
     problems += [f"{name}: must be > 0, got {value}" for name, value in positive.items() if not value > 0]
     if config.wasserstein.noises < 2:
         problems.append("wasserstein.noises: needs at least 2 noises for a spread")
-    if config.hard_prompt.top_k ** config.hard_prompt.tokens > 100_000:
+    if config.hard_prompt.top_k**config.hard_prompt.tokens > 100_000:
         problems.append("hard_prompt: top_k ** tokens candidates exceed 100000; lower one of them")
     if config.wen.steps > config.wen.sampling_steps:
         problems.append("wen.steps: cannot exceed wen.sampling_steps")
@@ -178,7 +187,9 @@ def validate(config: AuditConfig) -> None:
         "hard_prompt.run_for": (config.hard_prompt.run_for, ("memorized", "always", "never")),
         "invmm.check_prompt": (config.invmm.check_prompt, ("argmax", "soft")),
     }
-    problems += [f"{name}: {value!r} not in {allowed}" for name, (value, allowed) in choices.items() if value not in allowed]
+    problems += [
+        f"{name}: {value!r} not in {allowed}" for name, (value, allowed) in choices.items() if value not in allowed
+    ]
     if config.similarity.kind == "sscd" and not config.similarity.sscd_path:
         problems.append("similarity.sscd_path: required when similarity.kind = 'sscd'")
     if not config.invmm.guidance_scales:
@@ -221,7 +232,15 @@ def quick_config() -> AuditConfig:
         prompt_inversion=SoftPromptConfig(steps=20, samples_per_step=4),
         hard_prompt=HardPromptConfig(tokens=2, top_k=3, restarts=2, test_samples=2, steps=10),
         wasserstein=WassersteinConfig(noises=32, timesteps=10),
-        invmm=InvMMConfig(steps=40, samples_per_step=4, check_every=20, check_noises=2, guidance_scales=(1.0, 3.0), sampling_steps=10, loss_window=20),
+        invmm=InvMMConfig(
+            steps=40,
+            samples_per_step=4,
+            check_every=20,
+            check_noises=2,
+            guidance_scales=(1.0, 3.0),
+            sampling_steps=10,
+            loss_window=20,
+        ),
         wen=WenConfig(generations=2, steps=1, sampling_steps=10),
     )
 

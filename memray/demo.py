@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 from memray.models import LoadedModel, load_model
@@ -37,7 +36,9 @@ def shape_image(shape: str, colour: str, background: str, size: int = 64) -> byt
     elif shape == "square":
         draw.rectangle(box, fill=COLOURS[colour])
     else:
-        draw.polygon([(size // 2, size // 4), (size // 4, 3 * size // 4), (3 * size // 4, 3 * size // 4)], fill=COLOURS[colour])
+        draw.polygon(
+            [(size // 2, size // 4), (size // 4, 3 * size // 4), (3 * size // 4, 3 * size // 4)], fill=COLOURS[colour]
+        )
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
     return buffer.getvalue()
@@ -50,5 +51,12 @@ def demo_images(count: int = 6) -> list[dict]:
     for i in range(count):
         shape, colour, background = SHAPES[i % 3], colours[i % 4], colours[(i + 1) % 4]
         caption = f"a {colour} {shape} on a {background} background"
-        items.append(dict(image_id=f"demo-{i:02d}", data=shape_image(shape, colour, background), caption=caption, source="memray.demo"))
+        items.append(
+            dict(
+                image_id=f"demo-{i:02d}",
+                data=shape_image(shape, colour, background),
+                caption=caption,
+                source="memray.demo",
+            )
+        )
     return items

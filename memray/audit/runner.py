@@ -25,8 +25,8 @@ from memray.data.images import ImageDecodeError, decode_image, read_bytes, sha25
 from memray.measures import rng
 from memray.measures.invmm import invmm
 from memray.measures.noise_inversion import invert_noise
-from memray.measures.sampling import aligned_start, ddim_generate
 from memray.measures.prompt_inversion import hard_prompt_inversion, prompt_condition, soft_prompt_inversion
+from memray.measures.sampling import aligned_start, ddim_generate
 from memray.measures.similarity import build_similarity
 from memray.measures.wasserstein import memorization_wasserstein
 from memray.measures.wen import wen_screen
@@ -245,7 +245,15 @@ class _MeasureChain:
 
     def run_invmm(self):
         slots, idx = self.select()
-        result = invmm(self.model, self.z0[idx], self.gens("invmm", slots), self.owner[idx], self.config.invmm, self.similarity, progress=self.progress)
+        result = invmm(
+            self.model,
+            self.z0[idx],
+            self.gens("invmm", slots),
+            self.owner[idx],
+            self.config.invmm,
+            self.similarity,
+            progress=self.progress,
+        )
         for k, s in enumerate(slots):
             row = self.audits[s].row
             row.invmm_replicated = bool(result.replicated[k])
@@ -287,13 +295,31 @@ class _MeasureChain:
         z0, owner = self.z0[idx], self.owner[idx]
         finite = np.ones(len(slots), dtype=bool)
         if cfg.unregularized:
-            plain = invert_noise(self.model, z0, cond, self.gens("noise_plain", slots), owner, cfg, regularized=False, progress=self.progress)
+            plain = invert_noise(
+                self.model,
+                z0,
+                cond,
+                self.gens("noise_plain", slots),
+                owner,
+                cfg,
+                regularized=False,
+                progress=self.progress,
+            )
             finite &= plain.finite
             for k, s in enumerate(slots):
                 self.audits[s].row.noise_ks_p_unregularized = _value(plain.ks_p[k])
                 self.audits[s].row.noise_error_unregularized = _value(plain.final_error[k])
         if cfg.regularized:
-            reg = invert_noise(self.model, z0, cond, self.gens("noise_reg", slots), owner, cfg, regularized=True, progress=self.progress)
+            reg = invert_noise(
+                self.model,
+                z0,
+                cond,
+                self.gens("noise_reg", slots),
+                owner,
+                cfg,
+                regularized=True,
+                progress=self.progress,
+            )
             finite &= reg.finite
             for k, s in enumerate(slots):
                 row = self.audits[s].row
@@ -304,7 +330,14 @@ class _MeasureChain:
 
     def run_prompt_inversion(self):
         slots, idx = self.select()
-        result = soft_prompt_inversion(self.model, self.z0[idx], self.gens("soft_prompt", slots), self.owner[idx], self.config.prompt_inversion, progress=self.progress)
+        result = soft_prompt_inversion(
+            self.model,
+            self.z0[idx],
+            self.gens("soft_prompt", slots),
+            self.owner[idx],
+            self.config.prompt_inversion,
+            progress=self.progress,
+        )
         for k, s in enumerate(slots):
             row = self.audits[s].row
             row.soft_prompt_error, row.soft_prompt_norm = _value(result.final_error[k]), _value(result.norm[k])
@@ -315,7 +348,9 @@ class _MeasureChain:
         slots, idx = self.select()
         with torch.no_grad():
             cond = prompt_condition(self.model, torch.stack([soft[s] for s in slots]))
-        result = memorization_wasserstein(self.model, self.z0[idx], cond, self.gens("wasserstein", slots), self.owner[idx], self.config.wasserstein)
+        result = memorization_wasserstein(
+            self.model, self.z0[idx], cond, self.gens("wasserstein", slots), self.owner[idx], self.config.wasserstein
+        )
         for k, s in enumerate(slots):
             row = self.audits[s].row
             row.wasserstein, row.wasserstein_shift_sd = _value(result.w1[k]), _value(result.shift_sd[k])
@@ -328,14 +363,24 @@ class _MeasureChain:
         if not slots:
             return
         idx = torch.tensor(slots, device=self.model.device)
-        result = wen_screen(self.model, [self.inputs[s].caption for s in slots], self.gens("wen", slots), self.owner[idx], self.config.wen)
+        result = wen_screen(
+            self.model,
+            [self.inputs[s].caption for s in slots],
+            self.gens("wen", slots),
+            self.owner[idx],
+            self.config.wen,
+        )
         for k, s in enumerate(slots):
             self.audits[s].row.wen_score = _value(result.score[k])
             self.audits[s].row.wen_tokens = json.dumps(result.attribution[k])
 
     def run_hard_prompt(self):
         run_for = self.config.hard_prompt.run_for
-        slots = [s for s in self.alive if run_for == "always" or (run_for == "memorized" and self.audits[s].row.verdict == "memorized")]
+        slots = [
+            s
+            for s in self.alive
+            if run_for == "always" or (run_for == "memorized" and self.audits[s].row.verdict == "memorized")
+        ]
         if not slots:
             return
         idx = torch.tensor(slots, device=self.model.device)

@@ -20,11 +20,17 @@ def decide(row: AuditRow, rule) -> tuple[str, str]:
         if row.invmm_replicated:
             return "inconclusive", f"InvMM replicated only at KL {row.invmm_kl:.4g} > {rule.invmm_kl_max}"
         if shift is not None and shift >= rule.shift_sd_memorized:
-            return "inconclusive", f"InvMM never replicated, but the error shift is {shift:.3g} sd >= {rule.shift_sd_memorized}"
+            return (
+                "inconclusive",
+                f"InvMM never replicated, but the error shift is {shift:.3g} sd >= {rule.shift_sd_memorized}",
+            )
         return "not_memorized", f"InvMM never replicated in {row.invmm_steps} steps"
     if shift is not None:
         if shift >= rule.shift_sd_memorized:
-            return "memorized", f"error shift {shift:.3g} sd >= {rule.shift_sd_memorized} (P <= {1 / rule.shift_sd_memorized**2:.2%} under the safe model)"
+            return (
+                "memorized",
+                f"error shift {shift:.3g} sd >= {rule.shift_sd_memorized} (P <= {1 / rule.shift_sd_memorized**2:.2%} under the safe model)",
+            )
         if shift <= rule.shift_sd_clear:
             return "not_memorized", f"error shift {shift:.3g} sd <= {rule.shift_sd_clear}"
         return "inconclusive", f"error shift {shift:.3g} sd between {rule.shift_sd_clear} and {rule.shift_sd_memorized}"

@@ -89,7 +89,10 @@ def _arrow_type(annotation: str) -> pa.DataType:
 
 
 ARROW_SCHEMA = pa.schema(
-    [pa.field(f.name, _arrow_type(f.type), nullable=f.name not in ("image_id", "status")) for f in dataclasses.fields(AuditRow)],
+    [
+        pa.field(f.name, _arrow_type(f.type), nullable=f.name not in ("image_id", "status"))
+        for f in dataclasses.fields(AuditRow)
+    ],
     metadata={"memray_schema_version": str(SCHEMA_VERSION)},
 )
 COLUMNS = tuple(ARROW_SCHEMA.names)

@@ -109,8 +109,7 @@ def _check_pixel_count(size: tuple[int, int], max_pixels: int) -> None:
     width, height = size
     if width * height > max_pixels:
         raise ImageDecodeError(
-            f"decompression bomb: {width}x{height} = {width * height} pixels "
-            f"exceeds the limit of {max_pixels}"
+            f"decompression bomb: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
         )
 
 
@@ -144,9 +143,7 @@ def _flatten_on_white(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
-def to_model_tensor(
-    image: Image.Image, resolution: int, *, allow_upscale: bool = False
-) -> torch.Tensor:
+def to_model_tensor(image: Image.Image, resolution: int, *, allow_upscale: bool = False) -> torch.Tensor:
     """Resize the shorter side to `resolution`, centre-crop square, scale to [-1, 1] (3, H, W)."""
     if image.mode != "RGB":
         raise ValueError(f"expected an RGB image from decode_image, got mode {image.mode}")
@@ -154,8 +151,7 @@ def to_model_tensor(
     shorter = min(width, height)
     if shorter < resolution and not allow_upscale:
         raise ImageDecodeError(
-            f"image is {width}x{height}, smaller than the model resolution {resolution} "
-            "(set allow_upscale to upsample)"
+            f"image is {width}x{height}, smaller than the model resolution {resolution} (set allow_upscale to upsample)"
         )
     # Truncating the longer side matches torchvision's Resize(int), as in Stable Diffusion training.
     new_size = (resolution * width // shorter, resolution * height // shorter)

@@ -133,7 +133,9 @@ def invmm(model, z0, generators, owner, config: InvMMConfig, similarity, *, prog
             p_logits = prompt.logits[rows].requires_grad_()
             params.append(p_logits)
             cond = prompt.sampled_condition(p_logits, gens, s)
-        recon = sampled_z0_error(model, z0[rows].repeat_interleave(s, 0), eps, t, cond, owner[rows].repeat_interleave(s))
+        recon = sampled_z0_error(
+            model, z0[rows].repeat_interleave(s, 0), eps, t, cond, owner[rows].repeat_interleave(s)
+        )
         recon = recon.reshape(len(rows), s).mean(1)
         kl = kl_to_standard_normal(p_mu, p_lv)
         (recon + weight[rows] * kl).sum().backward()
@@ -166,8 +168,15 @@ def invmm(model, z0, generators, owner, config: InvMMConfig, similarity, *, prog
         with torch.no_grad():
             cond, texts = prompt.check_condition(rows) if prompt is not None else (None, [None] * len(rows))
         check = replication_check(
-            model, z0[rows], noises, cond, config.guidance_scales, similarity, owner[rows],
-            num_steps=config.sampling_steps, aligned=config.aligned_start,
+            model,
+            z0[rows],
+            noises,
+            cond,
+            config.guidance_scales,
+            similarity,
+            owner[rows],
+            num_steps=config.sampling_steps,
+            aligned=config.aligned_start,
         )
         out["similarity"][rows] = check.similarity
         out["guidance"][rows] = check.guidance

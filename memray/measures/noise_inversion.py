@@ -20,7 +20,6 @@ from memray.measures.stats import kl_to_standard_normal, ks_normality_pvalues
 from memray.measures.z0_error import sampled_z0_error
 
 
-
 @dataclass(frozen=True)
 class NoiseInversionConfig:
     """M2 settings (reference: Adam lr 0.1, 32 timesteps a step; 1000 steps plain, 500 regularised, cosine)."""
@@ -71,7 +70,9 @@ def _optimize(model, z0, cond, generators, owner, config, *, steps, regularized,
             n = rng.randn_per_image(gens, (s, *mu.shape[1:])).flatten(0, 1)
             eps = eps + (0.5 * p_lv).exp().repeat_interleave(s, 0) * n
         cond_s = None if cond is None else cond[rows].repeat_interleave(s, 0)
-        err = sampled_z0_error(model, z0[rows].repeat_interleave(s, 0), eps, t, cond_s, owner[rows].repeat_interleave(s))
+        err = sampled_z0_error(
+            model, z0[rows].repeat_interleave(s, 0), eps, t, cond_s, owner[rows].repeat_interleave(s)
+        )
         err = err.reshape(len(rows), s).mean(1)
         loss = err + (kl_to_standard_normal(p_mu, p_lv) if regularized else 0)
         loss.sum().backward()
@@ -89,12 +90,23 @@ def _optimize(model, z0, cond, generators, owner, config, *, steps, regularized,
     return mu, (log_var if regularized else None), errors, finite
 
 
-def invert_noise(model, z0, cond, generators, owner, config: NoiseInversionConfig, *, regularized: bool, progress=None) -> NoiseInversionResult:
+def invert_noise(
+    model, z0, cond, generators, owner, config: NoiseInversionConfig, *, regularized: bool, progress=None
+) -> NoiseInversionResult:
     """Noise inversion of B images at once under condition cond (B, L, D) or None."""
     steps = config.regularized_steps if regularized else config.steps
     init = torch.zeros_like(z0) if regularized else rng.randn_per_image(generators, z0.shape[1:])
     mu, log_var, errors, finite = _optimize(
-        model, z0, cond, generators, owner, config, steps=steps, regularized=regularized, param_init=init, progress=progress
+        model,
+        z0,
+        cond,
+        generators,
+        owner,
+        config,
+        steps=steps,
+        regularized=regularized,
+        param_init=init,
+        progress=progress,
     )
     mu, log_var = mu.detach(), None if log_var is None else log_var.detach()
     if regularized:

@@ -68,7 +68,9 @@ def prompt_condition(model, free: torch.Tensor) -> torch.Tensor:
     return model.encode_embeddings(model.prompt_embeddings(free))
 
 
-def soft_prompt_inversion(model, z0, generators, owner, config: SoftPromptConfig, *, free_tokens=None, steps=None, progress=None):
+def soft_prompt_inversion(
+    model, z0, generators, owner, config: SoftPromptConfig, *, free_tokens=None, steps=None, progress=None
+):
     """Optimise N free token embeddings per image; returns a SoftPromptResult."""
     vocab = model.vocabulary_embeddings.detach()
     slots = free_tokens or config.free_tokens or model.num_free_slots
@@ -141,7 +143,18 @@ def _candidate_errors(model, z0, candidates, test_eps, test_t, owner):
     return (total / test_eps.shape[1]).reshape(batch, n_cand), cond.reshape(batch, n_cand, *cond.shape[1:])
 
 
-def hard_prompt_inversion(model, z0, generators, owner, config: HardPromptConfig, soft: SoftPromptConfig, similarity, *, guidance_scales, sampling_steps):
+def hard_prompt_inversion(
+    model,
+    z0,
+    generators,
+    owner,
+    config: HardPromptConfig,
+    soft: SoftPromptConfig,
+    similarity,
+    *,
+    guidance_scales,
+    sampling_steps,
+):
     """Algorithm 1 for B images: readable prompts that trigger replication, with restarts."""
     batch = z0.shape[0]
     vocab = model.vocabulary_embeddings.detach()
@@ -157,11 +170,15 @@ def hard_prompt_inversion(model, z0, generators, owner, config: HardPromptConfig
             break
         gens = [generators[i] for i in rows.tolist()]
         dev_rows = rows.to(z0.device)
-        found = soft_prompt_inversion(model, z0[dev_rows], gens, owner[dev_rows], soft, free_tokens=config.tokens, steps=config.steps)
+        found = soft_prompt_inversion(
+            model, z0[dev_rows], gens, owner[dev_rows], soft, free_tokens=config.tokens, steps=config.steps
+        )
         top = (found.embeddings.to(vocab.dtype) @ vocab.T).topk(config.top_k, dim=-1).indices  # (b, N, k)
         combos = torch.tensor(list(itertools.product(range(config.top_k), repeat=top.shape[1])))
         candidates = top[:, torch.arange(top.shape[1]).unsqueeze(0), combos]  # (b, k^N, N)
-        errors, conds = _candidate_errors(model, z0[dev_rows], candidates, test_eps[dev_rows], test_t[dev_rows], owner[dev_rows])
+        errors, conds = _candidate_errors(
+            model, z0[dev_rows], candidates, test_eps[dev_rows], test_t[dev_rows], owner[dev_rows]
+        )
         err, pick = errors.min(1)
         chosen = torch.arange(len(rows))
         check = replication_check(

@@ -47,7 +47,9 @@ def wen_screen(model, captions: list[str], generators, owner, config: WenConfig)
     distance = torch.zeros(batch * g)
     for i, t in enumerate(timesteps[: config.steps]):
         t_n = t.expand(batch * g)
-        pred = model.predict(torch.cat([z, z]), torch.cat([t_n, t_n]), torch.cat([cond, uncond]), torch.cat([owner_g, owner_g]))
+        pred = model.predict(
+            torch.cat([z, z]), torch.cat([t_n, t_n]), torch.cat([cond, uncond]), torch.cat([owner_g, owner_g])
+        )
         eps_c, eps_u = pred.eps[: batch * g], pred.eps[batch * g :]
         z0_c, z0_u = pred.z0[: batch * g], pred.z0[batch * g :]
         distance = distance + (eps_c - eps_u).flatten(1).norm(dim=1)
@@ -61,5 +63,7 @@ def wen_screen(model, captions: list[str], generators, owner, config: WenConfig)
     for row, norms in zip(ids.tolist(), token_norms.tolist()):
         words = model.tokenizer.convert_ids_to_tokens(row)
         special = {model.tokenizer.bos_token_id, model.tokenizer.eos_token_id, model.tokenizer.pad_token_id}
-        attribution.append([(w.replace("</w>", ""), float(v)) for tok, w, v in zip(row, words, norms) if tok not in special])
+        attribution.append(
+            [(w.replace("</w>", ""), float(v)) for tok, w, v in zip(row, words, norms) if tok not in special]
+        )
     return WenResult(score=score.detach().cpu().numpy(), attribution=attribution)

@@ -67,7 +67,9 @@ class DiffusionAdapter:
         self.autocast_dtype = autocast_dtype
         prediction_type = scheduler.config.prediction_type
         if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"unknown prediction_type {prediction_type!r} in the scheduler config; memray supports {PREDICTION_TYPES}")
+            raise ValueError(
+                f"unknown prediction_type {prediction_type!r} in the scheduler config; memray supports {PREDICTION_TYPES}"
+            )
         self.prediction_type = prediction_type
         self.alphas_cumprod = scheduler.alphas_cumprod.to(device=self.device, dtype=torch.float32)
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)

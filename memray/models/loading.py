@@ -114,9 +114,7 @@ def _hub_snapshot(repo_id: str) -> Path:
 
     try:
         return Path(
-            snapshot_download(
-                repo_id=repo_id, allow_patterns=HUB_ALLOW_PATTERNS, ignore_patterns=HUB_IGNORE_PATTERNS
-            )
+            snapshot_download(repo_id=repo_id, allow_patterns=HUB_ALLOW_PATTERNS, ignore_patterns=HUB_IGNORE_PATTERNS)
         )
     except OSError as err:
         raise CheckpointError(

@@ -48,7 +48,9 @@ class StableDiffusionAdapter(DiffusionAdapter):
 
     def token_ids(self, prompts: list[str]) -> torch.Tensor:
         """Tokenize to fixed length: [start, tokens..., end, pad...]."""
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt")
+        ids = self.tokenizer(
+            prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        )
         return ids.input_ids.to(self.device)
 
     def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
@@ -85,7 +87,9 @@ class StableDiffusionAdapter(DiffusionAdapter):
     def prompt_embeddings(self, free: torch.Tensor) -> torch.Tensor:
         """Free-slot embeddings (n, N, d) -> full sequence [start, free..., end, pad...] (n, L, d)."""
         n, slots, _ = free.shape
-        template = self.vocabulary_embeddings[self.prompt_ids(torch.zeros(1, slots, dtype=torch.long, device=self.device))]
+        template = self.vocabulary_embeddings[
+            self.prompt_ids(torch.zeros(1, slots, dtype=torch.long, device=self.device))
+        ]
         fixed = template.expand(n, -1, -1)
         return torch.cat([fixed[:, :1], free.to(fixed.dtype), fixed[:, slots + 1 :]], dim=1)
 

@@ -27,7 +27,9 @@ def save_image_row(images: list[torch.Tensor], path: str | Path, *, scale: int =
     return Path(path)
 
 
-def save_error_distributions(err_uncond: np.ndarray, err_cond: np.ndarray, path: str | Path, *, title: str = "") -> Path:
+def save_error_distributions(
+    err_uncond: np.ndarray, err_cond: np.ndarray, path: str | Path, *, title: str = ""
+) -> Path:
     """Histogram of L(x0, eps, "") against L(x0, eps, e*) on the same noises (paper figure 14)."""
     import matplotlib
 
