@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import math
 import time
 import uuid
@@ -31,6 +32,8 @@ from memray.measures.similarity import build_similarity
 from memray.measures.wasserstein import memorization_wasserstein
 from memray.measures.wen import wen_screen
 from memray.measures.z0_error import z0_prediction_error
+
+log = logging.getLogger(__name__)
 
 CONDITIONAL_MEASURES = ("prompt_inversion", "wasserstein", "wen", "hard_prompt")
 
@@ -105,7 +108,11 @@ def audit_batch(loaded, items, config: AuditConfig, *, run_id: str | None = None
             _fail(audits[i].row, str(exc))
     if slots:
         chain = _MeasureChain(model, config, [inputs[i] for i in slots], [audits[i] for i in slots], progress)
-        chain.run(torch.stack(pixels).to(model.device))
+        try:
+            chain.run(torch.stack(pixels).to(model.device))
+        except Exception as exc:  # a fault of the batch (out of memory, a bug): record it, keep the job alive
+            log.exception("audit of batch %s failed", [inputs[i].image_id for i in slots])
+            chain.fail(list(chain.alive), f"batch failed: {type(exc).__name__}: {exc}")
     _finish_costs([a.row for a in audits], model, time.perf_counter() - started, slots)
     return audits
 
