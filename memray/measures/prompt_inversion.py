@@ -123,14 +123,10 @@ class HardPromptResult:
 
 def _candidate_errors(model, z0, candidates, test_eps, test_t, owner):
     """Mean single-step z0 error of every candidate prompt on the image's fixed test set: (B, C)."""
-    batch, n_cand, n_tok = candidates.shape
-    ids = torch.full((batch * n_cand, model.max_length), model.tokenizer.pad_token_id)
-    ids[:, 0] = model.tokenizer.bos_token_id
-    ids[:, 1 : n_tok + 1] = candidates.flatten(0, 1)
-    ids[:, n_tok + 1] = model.tokenizer.eos_token_id
+    batch, n_cand, _ = candidates.shape
     with torch.no_grad():
-        cond = model.encode_ids(ids)
-        total = torch.zeros(batch * n_cand)
+        cond = model.encode_ids(model.prompt_ids(candidates.flatten(0, 1)))
+        total = torch.zeros(batch * n_cand, device=z0.device)
         for j in range(test_eps.shape[1]):
             total += sampled_z0_error(
                 model,

@@ -39,7 +39,13 @@ def guided_prediction(model, z_t, t, cond, guidance, owner):
 
 
 def ddim_step(model, timesteps: torch.Tensor, i: int, eps: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
-    """eta = 0 update from timesteps[i] to the next one: sqrt(abar_prev) z0_hat + sqrt(1 - abar_prev) eps_hat."""
+    """eta = 0 update from timesteps[i] to the next one: sqrt(abar_prev) z0_hat + sqrt(1 - abar_prev) eps_hat.
+
+    z0_hat is clipped where the scheduler config says so; eps_hat is not recomputed from the
+    clipped z0_hat (diffusers' DDIMScheduler.step default, use_clipped_model_output=False).
+    """
+    if model.clip_sample_range is not None:
+        z0 = z0.clamp(-model.clip_sample_range, model.clip_sample_range)
     abar_prev = model.alphas_cumprod[timesteps[i + 1]] if i + 1 < len(timesteps) else model.final_alpha_cumprod()
     return abar_prev.sqrt() * z0 + (1 - abar_prev).sqrt() * eps
 

@@ -44,7 +44,7 @@ def wen_screen(model, captions: list[str], generators, owner, config: WenConfig)
     owner_g = owner.repeat_interleave(g)
     z = rng.randn_per_image(generators, (g, *model.latent_shape)).flatten(0, 1)
     timesteps = model.sampling_timesteps(config.sampling_steps)
-    distance = torch.zeros(batch * g)
+    distance = torch.zeros(batch * g, device=model.device)
     for i, t in enumerate(timesteps[: config.steps]):
         t_n = t.expand(batch * g)
         pred = model.predict(

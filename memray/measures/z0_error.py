@@ -29,7 +29,7 @@ def squared_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def z0_prediction_error(model, z0, eps, cond, timesteps, owner) -> torch.Tensor:
     """L for each of n (z0, eps, cond) samples, averaged over the shared timesteps: returns (n,)."""
-    total = torch.zeros(z0.shape[0])
+    total = torch.zeros(z0.shape[0], device=z0.device)
     for t in timesteps:
         t_n = t.expand(z0.shape[0])
         pred = model.predict(noisy_sample(z0, eps, model.alphas_cumprod[t_n]), t_n, cond, owner)

@@ -74,6 +74,12 @@ class DiffusionAdapter:
         self.alphas_cumprod = scheduler.alphas_cumprod.to(device=self.device, dtype=torch.float32)
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
         self.counter = EvalCounter()
+        self._sampling_timesteps: dict[int, torch.Tensor] = {}
+        if scheduler.config.get("thresholding", False):
+            raise ValueError("the scheduler config asks for dynamic thresholding, which memray's DDIM does not implement")
+        # Pixel DDPM configs usually clip z0_hat during sampling (diffusers' default); SD latents never do.
+        clip = scheduler.config.get("clip_sample", False)
+        self.clip_sample_range = float(scheduler.config.get("clip_sample_range", 1.0)) if clip else None
         self.max_batch = 64
 
     # -- implemented by families -------------------------------------------------------------
@@ -122,11 +128,13 @@ class DiffusionAdapter:
 
     def sampling_timesteps(self, num_steps: int) -> torch.Tensor:
         """The DDIM timesteps the checkpoint's scheduler config prescribes, first (noisiest) first."""
-        from diffusers import DDIMScheduler
+        if num_steps not in self._sampling_timesteps:
+            from diffusers import DDIMScheduler
 
-        ddim = DDIMScheduler.from_config(self.scheduler.config)
-        ddim.set_timesteps(num_steps)
-        return ddim.timesteps.to(self.device)
+            ddim = DDIMScheduler.from_config(self.scheduler.config)
+            ddim.set_timesteps(num_steps)
+            self._sampling_timesteps[num_steps] = ddim.timesteps.to(self.device)
+        return self._sampling_timesteps[num_steps]
 
     def final_alpha_cumprod(self) -> torch.Tensor:
         """abar after the last DDIM step (1 where the scheduler sets alpha to one)."""
