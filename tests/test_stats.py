@@ -9,7 +9,6 @@ from scipy import stats
 
 from memray.measures.stats import kl_to_standard_normal, ks_normality_pvalues, wasserstein_1d
 
-
 # -- KL(N(mu, sigma^2) || N(0, I)) ------------------------------------------------------------
 
 
