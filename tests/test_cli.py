@@ -7,14 +7,21 @@ import subprocess
 import sys
 
 import duckdb
+from conftest import png_bytes
 from PIL import Image
 
-from conftest import png_bytes
 from memray.catalog.schema import COLUMNS
 from memray.cli import main
 
-SMALL = ("invmm.steps=20", "invmm.check_every=10", "noise_inversion.steps=5", "noise_inversion.regularized_steps=5",
-         "prompt_inversion.steps=5", "wasserstein.noises=8", "hard_prompt.restarts=1")
+SMALL = (
+    "invmm.steps=20",
+    "invmm.check_every=10",
+    "noise_inversion.steps=5",
+    "noise_inversion.regularized_steps=5",
+    "prompt_inversion.steps=5",
+    "wasserstein.noises=8",
+    "hard_prompt.restarts=1",
+)
 QUICK = ["--preset", "quick", *(arg for setting in SMALL for arg in ("--set", setting))]
 
 
@@ -22,7 +29,21 @@ def test_inspect_prints_every_measure_and_writes_figures(tiny_sd_dir, tmp_path, 
     image = tmp_path / "target.png"
     image.write_bytes(png_bytes(1, size=(40, 40)))
     out = tmp_path / "inspect"
-    code = main(["inspect", str(image), "--model", str(tiny_sd_dir), "--caption", "a red circle", "--out", str(out), "--samples", "2", *QUICK])
+    code = main(
+        [
+            "inspect",
+            str(image),
+            "--model",
+            str(tiny_sd_dir),
+            "--caption",
+            "a red circle",
+            "--out",
+            str(out),
+            "--samples",
+            "2",
+            *QUICK,
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr()
     for field in ("invmm_kl", "wasserstein", "noise_ks_p", "z0_error", "wen_score", "verdict", "unet_forwards"):
@@ -66,7 +87,9 @@ def test_bad_configuration_exits_2_with_the_reason(tiny_ddpm_dir, tmp_path, caps
 
 
 def test_console_script_prints_the_config_and_its_hash():
-    result = subprocess.run([sys.executable, "-m", "memray.cli", "config", "--preset", "quick"], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "memray.cli", "config", "--preset", "quick"], capture_output=True, text=True, check=True
+    )
     printed = json.loads(result.stdout)
     from memray.config import quick_config
 

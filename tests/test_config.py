@@ -17,15 +17,23 @@ def test_defaults_are_the_reference_hyperparameters():
     assert config.invmm.guidance_scales == (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0)
     assert (config.noise_inversion.steps, config.noise_inversion.regularized_steps) == (1000, 500)
     assert (config.noise_inversion.samples_per_step, config.noise_inversion.ks_samples) == (32, 1000)
-    assert (config.prompt_inversion.lr, config.prompt_inversion.weight, config.prompt_inversion.steps) == (0.01, 0.01, 500)
+    assert (config.prompt_inversion.lr, config.prompt_inversion.weight, config.prompt_inversion.steps) == (
+        0.01,
+        0.01,
+        500,
+    )
     assert (config.wasserstein.noises, config.wasserstein.timesteps) == (1000, 50)
     assert config.hard_prompt.restarts == 20
 
 
 def test_toml_yaml_and_json_load_the_same_config(tmp_path):
-    (tmp_path / "a.toml").write_text('seed = 3\nmeasures = ["invmm"]\n[invmm]\nsteps = 100\nguidance_scales = [1, 2.5]\n')
+    (tmp_path / "a.toml").write_text(
+        'seed = 3\nmeasures = ["invmm"]\n[invmm]\nsteps = 100\nguidance_scales = [1, 2.5]\n'
+    )
     (tmp_path / "a.yaml").write_text("seed: 3\nmeasures: [invmm]\ninvmm:\n  steps: 100\n  guidance_scales: [1, 2.5]\n")
-    (tmp_path / "a.json").write_text(json.dumps({"seed": 3, "measures": ["invmm"], "invmm": {"steps": 100, "guidance_scales": [1, 2.5]}}))
+    (tmp_path / "a.json").write_text(
+        json.dumps({"seed": 3, "measures": ["invmm"], "invmm": {"steps": 100, "guidance_scales": [1, 2.5]}})
+    )
     configs = [load_config(tmp_path / name) for name in ("a.toml", "a.yaml", "a.json")]
     assert configs[0] == configs[1] == configs[2]
     assert configs[0].invmm.steps == 100 and configs[0].invmm.guidance_scales == (1.0, 2.5)

@@ -42,12 +42,7 @@ def _png_claiming_size(width: int, height: int) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
 
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b""))
-        + chunk(b"IEND", b"")
-    )
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 def _pixels(image: Image.Image) -> np.ndarray:
@@ -109,8 +104,12 @@ def test_rgb_jpeg_round_trip():
 
 def test_cmyk_jpeg():
     cmyk = Image.new("CMYK", (64, 16))
-    colours = {(0, 255, 255, 0): (255, 0, 0), (255, 0, 255, 0): (0, 255, 0),
-               (255, 255, 0, 0): (0, 0, 255), (0, 0, 0, 255): (0, 0, 0)}
+    colours = {
+        (0, 255, 255, 0): (255, 0, 0),
+        (255, 0, 255, 0): (0, 255, 0),
+        (255, 255, 0, 0): (0, 0, 255),
+        (0, 0, 0, 255): (0, 0, 0),
+    }
     for i, ink in enumerate(colours):
         cmyk.paste(ink, (16 * i, 0, 16 * (i + 1), 16))
     data = _encode(cmyk, "JPEG", quality=95)
@@ -270,9 +269,7 @@ def test_to_model_tensor_refuses_to_upscale_by_default():
     small = Image.new("RGB", (20, 30), (255, 0, 0))
     with pytest.raises(ImageDecodeError) as caught:
         to_model_tensor(small, 32)
-    assert str(caught.value) == (
-        "image is 20x30, smaller than the model resolution 32 (set allow_upscale to upsample)"
-    )
+    assert str(caught.value) == ("image is 20x30, smaller than the model resolution 32 (set allow_upscale to upsample)")
     tensor = to_model_tensor(small, 32, allow_upscale=True)
     assert tensor.shape == (3, 32, 32)
     red = torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1).expand(3, 32, 32)

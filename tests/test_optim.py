@@ -39,7 +39,11 @@ def test_all_rows_together_match_torch_adam_step_by_step(weight_decay, lr_kind, 
     expected, state = torch_adam_trajectory(start, gs, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     param = start.clone()
     opt = RowAdam(param, betas=betas, eps=eps, weight_decay=weight_decay)
-    lr_arg = {"scalar": lr, "tensor-scalar": torch.tensor(lr, dtype=dtype), "vector": torch.full((SHAPE[0],), lr, dtype=dtype)}[lr_kind]
+    lr_arg = {
+        "scalar": lr,
+        "tensor-scalar": torch.tensor(lr, dtype=dtype),
+        "vector": torch.full((SHAPE[0],), lr, dtype=dtype),
+    }[lr_kind]
     rows = torch.arange(SHAPE[0])
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=2e-6)
     for g, want in zip(gs, expected):
@@ -70,7 +74,9 @@ def test_per_row_learning_rates_match_separate_torch_adams():
     for g in gs:
         opt.step(torch.arange(SHAPE[0]), g, lrs)
     for i, lr in enumerate(lrs.tolist()):
-        want, _ = torch_adam_trajectory(start[i], [g[i] for g in gs], lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+        want, _ = torch_adam_trajectory(
+            start[i], [g[i] for g in gs], lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01
+        )
         torch.testing.assert_close(param[i], want[-1], rtol=1e-12, atol=1e-12)
     assert torch.equal(param[3], start[3])
 
@@ -136,8 +142,9 @@ def test_cosine_lr_closed_form():
     base, total = 0.1, 500
     steps = torch.tensor([0, 125, 250, 375, 500, 700])
     lr = cosine_lr(base, steps, total)
-    expected = torch.tensor([base, base * (1 + math.cos(math.pi / 4)) / 2, base / 2,
-                             base * (1 + math.cos(3 * math.pi / 4)) / 2, 0.0, 0.0])
+    expected = torch.tensor(
+        [base, base * (1 + math.cos(math.pi / 4)) / 2, base / 2, base * (1 + math.cos(3 * math.pi / 4)) / 2, 0.0, 0.0]
+    )
     torch.testing.assert_close(lr, expected, rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(cosine_lr(base, torch.tensor(0), total), torch.tensor(base))
     assert (lr[1:] <= lr[:-1]).all()

@@ -37,8 +37,16 @@ def scaled_linear_abar(t, beta_start=0.00085, beta_end=0.012, steps=1000) -> np.
 
 
 # abar values from t near 0 to t near T of the real schedule, plus extremes on both ends.
-ABARS = [0.99999, float(scaled_linear_abar(0)), float(scaled_linear_abar(1)), 0.5,
-         float(scaled_linear_abar(500)), float(scaled_linear_abar(998)), float(scaled_linear_abar(999)), 1e-4]
+ABARS = [
+    0.99999,
+    float(scaled_linear_abar(0)),
+    float(scaled_linear_abar(1)),
+    0.5,
+    float(scaled_linear_abar(500)),
+    float(scaled_linear_abar(998)),
+    float(scaled_linear_abar(999)),
+    1e-4,
+]
 
 
 def perfect_output(kind, z0, eps, a):
@@ -87,7 +95,9 @@ def test_float32_inputs_with_a_float64_schedule_keep_the_input_dtype():
     out = torch.randn(2, 4, 3, 3)
     eps_hat, z0_hat = eps_and_z0(out, z_t, torch.tensor([0.3, 0.9], dtype=torch.float64), "epsilon")
     assert eps_hat.dtype == torch.float32 and z0_hat.dtype == torch.float32
-    expected = (z_t - torch.tensor([0.7, 0.1]).sqrt().reshape(-1, 1, 1, 1) * out) / torch.tensor([0.3, 0.9]).sqrt().reshape(-1, 1, 1, 1)
+    expected = (z_t - torch.tensor([0.7, 0.1]).sqrt().reshape(-1, 1, 1, 1) * out) / torch.tensor(
+        [0.3, 0.9]
+    ).sqrt().reshape(-1, 1, 1, 1)
     torch.testing.assert_close(z0_hat, expected)
 
 

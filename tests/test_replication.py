@@ -178,7 +178,10 @@ def tiled_l2_by_hand(a, b, tiles):
         worst = 0.0
         for r in range(tiles):
             for q in range(tiles):
-                d = (a[i, :, r * th : (r + 1) * th, q * tw : (q + 1) * tw] - b[i, :, r * th : (r + 1) * th, q * tw : (q + 1) * tw]) / 2
+                d = (
+                    a[i, :, r * th : (r + 1) * th, q * tw : (q + 1) * tw]
+                    - b[i, :, r * th : (r + 1) * th, q * tw : (q + 1) * tw]
+                ) / 2
                 worst = max(worst, float(np.sqrt(np.mean(d**2))))
         out.append(1 - worst)
     return np.array(out)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
+from conftest import png_bytes
 
 import memray
-from conftest import png_bytes
 from memray.audit.runner import ImageInput, audit_batch, replica_samples
 from memray.config import quick_config
 

@@ -26,8 +26,12 @@ def test_kl_mean_and_sum_match_torch_distributions(shape):
     log_var = torch.randn(shape, generator=gen, dtype=torch.float64)
     elementwise = reference_kl(mu, log_var).reshape(shape[0], -1)
     torch.testing.assert_close(kl_to_standard_normal(mu, log_var), elementwise.mean(1), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(kl_to_standard_normal(mu, log_var, reduce="mean"), elementwise.mean(1), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(kl_to_standard_normal(mu, log_var, reduce="sum"), elementwise.sum(1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        kl_to_standard_normal(mu, log_var, reduce="mean"), elementwise.mean(1), rtol=1e-12, atol=1e-12
+    )
+    torch.testing.assert_close(
+        kl_to_standard_normal(mu, log_var, reduce="sum"), elementwise.sum(1), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_kl_is_zero_exactly_at_the_standard_normal_and_positive_elsewhere():
@@ -121,7 +125,9 @@ def test_wasserstein_of_shifted_common_noise_is_the_mean_difference(shift):
     m1, s = 0.7, torch.tensor([0.5, 1.0, 2.0, 3.0], dtype=torch.float64).reshape(-1, 1)
     a = m1 + s * noise
     b = (m1 + shift) + s * noise
-    torch.testing.assert_close(wasserstein_1d(a, b), torch.full((4,), abs(shift), dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        wasserstein_1d(a, b), torch.full((4,), abs(shift), dtype=torch.float64), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_wasserstein_of_independent_large_samples_approaches_the_closed_form():

@@ -98,6 +98,8 @@ def audit_batch(loaded, items, config: AuditConfig, *, run_id: str | None = None
     pixels, slots = [], []
     for i, inp in enumerate(inputs):
         try:
+            if inp.data is None and not inp.uri:
+                raise ImageDecodeError("no image: the input has neither bytes nor a uri")
             data = inp.data if inp.data is not None else read_bytes(inp.uri)
             audits[i].row.image_sha256 = sha256_hex(data)
             image = decode_image(data, max_pixels=config.images.max_pixels)

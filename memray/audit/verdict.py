@@ -17,6 +17,8 @@ def decide(row: AuditRow, rule) -> tuple[str, str]:
     if row.invmm_replicated is not None:
         if row.invmm_replicated and row.invmm_kl is not None and row.invmm_kl <= rule.invmm_kl_max:
             return "memorized", f"InvMM replicated at KL {row.invmm_kl:.4g} <= {rule.invmm_kl_max}"
+        if row.invmm_replicated and row.invmm_kl is None:
+            return "inconclusive", "InvMM replicated but its KL is not finite"
         if row.invmm_replicated:
             return "inconclusive", f"InvMM replicated only at KL {row.invmm_kl:.4g} > {rule.invmm_kl_max}"
         if shift is not None and shift >= rule.shift_sd_memorized:

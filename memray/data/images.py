@@ -75,6 +75,8 @@ def read_bytes(uri: str) -> bytes:
             return handle.read()
     except FileNotFoundError as error:
         raise ImageDecodeError(f"missing file: {uri}") from error
+    except OSError as error:  # a directory, no permission, a storage error: this image's fault alone
+        raise ImageDecodeError(f"unreadable file: {uri}: {error}") from error
 
 
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

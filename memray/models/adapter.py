@@ -76,7 +76,9 @@ class DiffusionAdapter:
         self.counter = EvalCounter()
         self._sampling_timesteps: dict[int, torch.Tensor] = {}
         if scheduler.config.get("thresholding", False):
-            raise ValueError("the scheduler config asks for dynamic thresholding, which memray's DDIM does not implement")
+            raise ValueError(
+                "the scheduler config asks for dynamic thresholding, which memray's DDIM does not implement"
+            )
         # Pixel DDPM configs usually clip z0_hat during sampling (diffusers' default); SD latents never do.
         clip = scheduler.config.get("clip_sample", False)
         self.clip_sample_range = float(scheduler.config.get("clip_sample_range", 1.0)) if clip else None

@@ -24,15 +24,22 @@ def build_tiny_clip_tokenizer(words=TINY_WORDS):
     chars = sorted(set("".join(words)) | set("abcdefghijklmnopqrstuvwxyz0123456789"))
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    merges = []
+    merges: list[tuple[str, str]] = []
     for word in words:
+        # Apply the merges so far in rank order, as the tokenizer will, then add the ones this
+        # word still needs: a later word can then never split an earlier one.
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        for left, right in merges:
+            i = 0
+            while i < len(pieces) - 1:
+                if (pieces[i], pieces[i + 1]) == (left, right):
+                    pieces[i : i + 2] = [left + right]
+                else:
+                    i += 1
         while len(pieces) > 1:
-            merged = pieces[0] + pieces[1]
-            if (pieces[0], pieces[1]) not in merges:
-                merges.append((pieces[0], pieces[1]))
-            vocab.setdefault(merged, len(vocab))
-            pieces = [merged] + pieces[2:]
+            merges.append((pieces[0], pieces[1]))
+            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=merges)
