@@ -6,10 +6,42 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from memray.config import AuditConfig, quick_config
 from memray.models import load_model
 from memray.models.tiny import build_tiny_ddpm, build_tiny_sd
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_cpu_thread():
+    """Tiny networks run fastest on one thread, and do not stall behind other processes' threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_budgets() -> AuditConfig:
+    """The quick preset cut to the smallest budgets that still run every step of every measure."""
+    return quick_config().replace(
+        invmm={
+            "steps": 4,
+            "check_every": 2,
+            "samples_per_step": 2,
+            "check_noises": 2,
+            "guidance_scales": [1.0, 2.0],
+            "sampling_steps": 3,
+            "loss_window": 4,
+        },
+        z0_error={"timesteps": 3, "noises": 2},
+        noise_inversion={"steps": 3, "regularized_steps": 3, "samples_per_step": 2, "ks_samples": 10},
+        prompt_inversion={"steps": 3, "samples_per_step": 2},
+        wasserstein={"noises": 4, "timesteps": 3},
+        wen={"generations": 1, "sampling_steps": 3},
+        hard_prompt={"tokens": 1, "top_k": 2, "restarts": 1, "test_samples": 1, "steps": 2},
+    )
 
 
 @pytest.fixture(scope="session")

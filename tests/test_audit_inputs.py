@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import png_bytes
+from conftest import png_bytes, tiny_budgets
 from PIL import Image
 
 from memray.audit.runner import ImageInput, audit_batch, check_compatible, supported_measures
@@ -20,35 +20,12 @@ from memray.config import ConfigError, VerdictConfig, quick_config
 from memray.models.tiny import TINY_WORDS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Two OpenMP threads on a shared 2-core box spin-wait badly; one keeps the tests fast.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_config(**changes):
     """Smallest budgets that run every step of every measure; InvMM always replicates at the first
     check (latent L2 is unbounded below, so -1e9 always passes) and hard prompts always run, so
     every measure column of an ok row gets a value."""
-    base = quick_config().replace(
-        invmm={
-            "steps": 4,
-            "check_every": 2,
-            "samples_per_step": 2,
-            "check_noises": 2,
-            "guidance_scales": [1.0, 2.0],
-            "sampling_steps": 3,
-            "loss_window": 4,
-        },
-        z0_error={"timesteps": 3, "noises": 2},
-        noise_inversion={"steps": 3, "regularized_steps": 3, "samples_per_step": 2, "ks_samples": 10},
-        prompt_inversion={"steps": 3, "samples_per_step": 2},
-        wasserstein={"noises": 4, "timesteps": 3},
-        wen={"generations": 1, "sampling_steps": 3},
-        hard_prompt={"tokens": 1, "top_k": 2, "restarts": 1, "test_samples": 1, "steps": 2, "run_for": "always"},
+    base = tiny_budgets().replace(
+        hard_prompt={"run_for": "always"},
         similarity={"kind": "latent_l2", "threshold": -1e9},
     )
     return base.replace(**changes) if changes else base

@@ -17,7 +17,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import png_bytes
+from conftest import png_bytes, tiny_budgets
 
 from memray.audit.runner import ImageInput, audit_batch
 from memray.config import quick_config
@@ -40,16 +40,6 @@ TINY_INVMM = InvMMConfig(
     sampling_steps=3,
     loss_window=4,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Two OpenMP threads on a shared 2-core box spin-wait badly (a 1-sample tiny-SD forward went
-    # from 0.01 s to 1.2 s under load); one thread keeps these tests fast and deterministic.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -436,33 +426,12 @@ def test_soft_prompt_inversion_isolates_a_nan_image(tiny_sd):
     torch.testing.assert_close(three.embeddings[[0, 2]], two.embeddings, rtol=1e-4, atol=1e-5)
 
 
-def tiny_runner_config():
-    """The quick preset with the smallest budgets that still run every step of every measure."""
-    return quick_config().replace(
-        invmm={
-            "steps": 4,
-            "check_every": 2,
-            "samples_per_step": 2,
-            "check_noises": 2,
-            "guidance_scales": [1.0, 2.0],
-            "sampling_steps": 3,
-            "loss_window": 4,
-        },
-        z0_error={"timesteps": 3, "noises": 2},
-        noise_inversion={"steps": 3, "regularized_steps": 3, "samples_per_step": 2, "ks_samples": 10},
-        prompt_inversion={"steps": 3, "samples_per_step": 2},
-        wasserstein={"noises": 4, "timesteps": 3},
-        wen={"generations": 1, "sampling_steps": 3},
-        hard_prompt={"tokens": 1, "top_k": 2, "restarts": 1, "test_samples": 1, "steps": 2},
-    )
-
-
 @pytest.mark.parametrize(
     "change, measure",
     [({"invmm": {"lr": 1e38}}, "InvMM"), ({"noise_inversion": {"lr": 1e38}}, "noise inversion")],
 )
 def test_runner_turns_a_diverging_optimisation_into_error_rows(tiny_sd, change, measure):
-    config = tiny_runner_config().replace(**change)
+    config = tiny_budgets().replace(**change)
     items = [ImageInput(f"div-{i}", data=png_bytes(90 + i), caption="a cat") for i in range(2)]
     audits = audit_batch(tiny_sd, items, config)
     for a in audits:

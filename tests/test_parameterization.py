@@ -21,15 +21,6 @@ from memray.measures.z0_error import squared_error
 from memray.models import load_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_cpu_thread():
-    # The tiny networks run faster on one thread, and do not stall behind other processes' threads.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def scaled_linear_abar(t, beta_start=0.00085, beta_end=0.012, steps=1000) -> np.ndarray:
     """abar_t of the SD scaled-linear schedule (the one build_tiny_sd writes), float64 by hand."""
     betas = np.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=np.float64) ** 2

@@ -24,15 +24,6 @@ SCALES = [1.0, 2.0, 5.0]
 B, K = 2, 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_cpu_thread():
-    # The tiny networks run faster on one thread, and do not stall behind other processes' threads.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def sd_case(tiny_sd):
     model = tiny_sd.adapter

@@ -17,15 +17,6 @@ from memray.models.tiny import build_tiny_sd
 STEPS = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_cpu_thread():
-    # The tiny networks run faster on one thread, and do not stall behind other processes' threads.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def v_model(tmp_path_factory):
     path = build_tiny_sd(tmp_path_factory.mktemp("sampling") / "tiny-sd-v", prediction_type="v_prediction", seed=1)

@@ -232,15 +232,20 @@ class _MeasureChain:
             self.audits[s].z0 = z0[s].detach().cpu()
         self.z0 = z0
         self.owner = torch.arange(len(self.inputs), device=model.device)
-        soft = None
-        for name in ("invmm", "z0_error", "noise_inversion", "prompt_inversion", "wasserstein", "wen"):
-            if name not in self.measures or not self.alive:
-                continue
-            if name == "wasserstein" and soft is None:
-                continue
-            result = getattr(self, f"run_{name}")(soft) if name == "wasserstein" else getattr(self, f"run_{name}")()
-            if name == "prompt_inversion":
-                soft = result
+        # The hard prompt runs last: whether it runs at all depends on the verdict.
+        measures = self.measures
+        if "invmm" in measures and self.alive:
+            self.run_invmm()
+        if "z0_error" in measures and self.alive:
+            self.run_z0_error()
+        if "noise_inversion" in measures and self.alive:
+            self.run_noise_inversion()
+        if "prompt_inversion" in measures and self.alive:
+            soft = self.run_prompt_inversion()
+            if "wasserstein" in measures and self.alive:
+                self.run_wasserstein(soft)
+        if "wen" in measures and self.alive:
+            self.run_wen()
         for s in self.alive:
             row = self.audits[s].row
             row.verdict, row.verdict_rule = decide(row, self.config.verdict)

@@ -6,6 +6,7 @@ threshold rule (similarity >= beta) decides replication whatever the kind.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,12 @@ import torch.nn.functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_torchscript(path: str) -> torch.jit.ScriptModule:
+    """Load a TorchScript network once per process (audits build a similarity per batch)."""
+    return torch.jit.load(path, map_location="cpu").eval()
 
 
 @dataclass
@@ -24,7 +31,7 @@ class SSCDSimilarity:
     kind: str = "sscd"
 
     def __post_init__(self):
-        self.network = torch.jit.load(self.path, map_location="cpu").eval()
+        self.network = _load_torchscript(self.path)
 
     def descriptors(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1] -> L2-normalised SSCD descriptors at 320x320 with ImageNet statistics."""
