@@ -202,10 +202,7 @@ def print_ranked(rows, stream=None) -> None:
 
 def cmd_audit(args) -> int:
     """Audit images (files, folders, URLs) in-process and write the rows as Parquet."""
-    import pyarrow.parquet as pq
-
     from memray.audit.runner import audit
-    from memray.catalog.schema import rows_to_table
 
     config = build_config(args)
     loaded = _load(args)
@@ -216,12 +213,21 @@ def cmd_audit(args) -> int:
         return 2
     print(f"auditing {len(images)} images with {loaded.ref} (config {config.hash()})", file=sys.stderr)
     rows = audit(images, loaded, config, batch_size=args.batch_size, progress=Progress())
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(rows_to_table(rows), out)
     print_ranked(rows)
-    print(f"wrote {len(rows)} rows to {out}", file=sys.stderr)
+    write_rows(rows, args.out)
     return 0
+
+
+def write_rows(rows, out: str) -> None:
+    """Write rows as one Parquet file with the catalog schema (DuckDB: SELECT * FROM 'file')."""
+    import pyarrow.parquet as pq
+
+    from memray.catalog.schema import rows_to_table
+
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(rows_to_table(rows), path)
+    print(f"wrote {len(rows)} rows to {path}", file=sys.stderr)
 
 
 def cmd_demo(args) -> int:
@@ -233,6 +239,7 @@ def cmd_demo(args) -> int:
     config = PRESETS["quick"]()
     rows = audit([ImageInput(**item) for item in demo_images()], loaded, config, batch_size=8, progress=Progress())
     print_ranked(rows)
+    write_rows(rows, args.out)
     return 0
 
 
@@ -269,6 +276,7 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("demo", help="the whole chain on a tiny model built in code")
     p.add_argument("--cache", default="memray-out/demo-model", help="where the tiny demo checkpoint is saved")
+    p.add_argument("--out", default="memray-out/demo.parquet", help="the demo's rows")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("config", help="print the effective configuration and its hash")

@@ -95,3 +95,12 @@ def test_console_script_prints_the_config_and_its_hash():
 
     assert printed["config_hash"] == quick_config().hash()
     assert printed["invmm"]["steps"] == quick_config().invmm.steps
+
+
+def test_demo_runs_the_chain_on_the_built_in_model_and_writes_its_rows(tmp_path, capsys):
+    out = tmp_path / "demo.parquet"
+    assert main(["demo", "--cache", str(tmp_path / "model"), "--out", str(out)]) == 0
+    ranked = capsys.readouterr().out.splitlines()
+    assert ranked[0].split()[:2] == ["image_id", "verdict"] and len(ranked) == 7
+    (counts,) = duckdb.sql(f"SELECT count(*), count(DISTINCT image_id), min(status) FROM '{out}'").fetchall()
+    assert counts == (6, 6, "ok")
