@@ -47,6 +47,7 @@ class ImageInput:
     uri: str | None = None
     caption: str | None = None
     source: str | None = None
+    error: str | None = None  # a fault found while reading (e.g. a truncated shard): recorded as is
 
 
 @dataclass
@@ -98,6 +99,8 @@ def audit_batch(loaded, items, config: AuditConfig, *, run_id: str | None = None
     pixels, slots = [], []
     for i, inp in enumerate(inputs):
         try:
+            if inp.error:
+                raise ImageDecodeError(inp.error)
             if inp.data is None and not inp.uri:
                 raise ImageDecodeError("no image: the input has neither bytes nor a uri")
             data = inp.data if inp.data is not None else read_bytes(inp.uri)

@@ -9,7 +9,6 @@ import torch
 from memray.models.adapter import DiffusionAdapter, ModelCapabilityError, Prediction
 from memray.models.loading import (
     CheckpointError,
-    load_component,
     model_fingerprint,
     model_slug,
     pipeline_class_name,
@@ -17,8 +16,6 @@ from memray.models.loading import (
     resolve_checkpoint,
 )
 
-SD_PIPELINES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"}
-DDPM_PIPELINES = {"DDPMPipeline", "DDIMPipeline"}
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -41,8 +38,7 @@ def load_model(
     cache_dir: str | None = None,
 ) -> LoadedModel:
     """Resolve `ref` (directory, fsspec URL or hub id), check its weights are safe, build its adapter."""
-    from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel, UNet2DModel
-    from transformers import AutoTokenizer, CLIPTextModel
+    from diffusers import SchedulerMixin
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if precision not in PRECISIONS:
@@ -51,30 +47,27 @@ def load_model(
         raise ValueError(f"{precision} autocast is for GPUs; use precision='fp32' on CPU")
     path = resolve_checkpoint(ref, cache_dir=cache_dir)
     require_safe_weights(path, allow_pickle=allow_pickle)
-    pipeline = pipeline_class_name(path)
-    scheduler = _load_scheduler(path, SchedulerMixin)
-    common = dict(device=device, autocast_dtype=PRECISIONS[precision])
-    if pipeline in SD_PIPELINES:
-        from memray.models.sd import StableDiffusionAdapter
-
-        adapter = StableDiffusionAdapter(
-            unet=load_component(path, "unet", UNet2DConditionModel, allow_pickle=allow_pickle),
-            vae=load_component(path, "vae", AutoencoderKL, allow_pickle=allow_pickle),
-            text_encoder=load_component(path, "text_encoder", CLIPTextModel, allow_pickle=allow_pickle),
-            tokenizer=load_component(path, "tokenizer", AutoTokenizer, allow_pickle=allow_pickle),
-            scheduler=scheduler,
-            **common,
-        )
-    elif pipeline in DDPM_PIPELINES:
-        from memray.models.ddpm import PixelDDPMAdapter
-
-        adapter = PixelDDPMAdapter(
-            unet=load_component(path, "unet", UNet2DModel, allow_pickle=allow_pickle), scheduler=scheduler, **common
-        )
-    else:
-        supported = sorted(SD_PIPELINES | DDPM_PIPELINES)
-        raise CheckpointError(f"{ref}: pipeline {pipeline!r} has no memray adapter yet (supported: {supported})")
+    adapter = adapter_class(path).load(
+        path,
+        scheduler=_load_scheduler(path, SchedulerMixin),
+        allow_pickle=allow_pickle,
+        device=device,
+        autocast_dtype=PRECISIONS[precision],
+    )
     return LoadedModel(adapter=adapter, ref=ref, slug=model_slug(ref), fingerprint=model_fingerprint(path))
+
+
+def adapter_class(path) -> type[DiffusionAdapter]:
+    """The adapter family of a local checkpoint, from its pipeline class name (nothing is loaded)."""
+    from memray.models.ddpm import PixelDDPMAdapter
+    from memray.models.sd import StableDiffusionAdapter
+
+    pipeline = pipeline_class_name(path)
+    for family in (StableDiffusionAdapter, PixelDDPMAdapter):
+        if pipeline in family.pipelines:
+            return family
+    supported = sorted(StableDiffusionAdapter.pipelines | PixelDDPMAdapter.pipelines)
+    raise CheckpointError(f"{path}: pipeline {pipeline!r} has no memray adapter yet (supported: {supported})")
 
 
 def _load_scheduler(path, scheduler_base):
@@ -90,4 +83,12 @@ def _load_scheduler(path, scheduler_base):
     return cls.from_pretrained(path / "scheduler")
 
 
-__all__ = ["CheckpointError", "DiffusionAdapter", "LoadedModel", "ModelCapabilityError", "Prediction", "load_model"]
+__all__ = [
+    "CheckpointError",
+    "DiffusionAdapter",
+    "adapter_class",
+    "LoadedModel",
+    "ModelCapabilityError",
+    "Prediction",
+    "load_model",
+]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from memray.models.adapter import DiffusionAdapter
+from memray.models.loading import load_component
 
 
 class PixelDDPMAdapter(DiffusionAdapter):
@@ -10,6 +11,15 @@ class PixelDDPMAdapter(DiffusionAdapter):
 
     family = "ddpm"
     is_conditional = False
+    pipelines = frozenset({"DDPMPipeline", "DDIMPipeline"})
+
+    @classmethod
+    def load(cls, path, *, scheduler, allow_pickle: bool, **options) -> PixelDDPMAdapter:
+        """Load the UNet of a checkpoint directory."""
+        from diffusers import UNet2DModel
+
+        unet = load_component(path, "unet", UNet2DModel, allow_pickle=allow_pickle)
+        return cls(unet=unet, scheduler=scheduler, **options)
 
     def __init__(self, unet, scheduler, *, device="cpu", autocast_dtype=None):
         super().__init__(unet, scheduler, device=device, autocast_dtype=autocast_dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from memray.models.adapter import DiffusionAdapter
+from memray.models.loading import load_component
 
 
 class StableDiffusionAdapter(DiffusionAdapter):
@@ -12,6 +13,24 @@ class StableDiffusionAdapter(DiffusionAdapter):
 
     family = "sd"
     is_conditional = True
+    pipelines = frozenset(
+        {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"}
+    )
+
+    @classmethod
+    def load(cls, path, *, scheduler, allow_pickle: bool, **options) -> StableDiffusionAdapter:
+        """Load the UNet, VAE, text encoder and tokenizer of a checkpoint directory."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import AutoTokenizer, CLIPTextModel
+
+        return cls(
+            unet=load_component(path, "unet", UNet2DConditionModel, allow_pickle=allow_pickle),
+            vae=load_component(path, "vae", AutoencoderKL, allow_pickle=allow_pickle),
+            text_encoder=load_component(path, "text_encoder", CLIPTextModel, allow_pickle=allow_pickle),
+            tokenizer=load_component(path, "tokenizer", AutoTokenizer, allow_pickle=allow_pickle),
+            scheduler=scheduler,
+            **options,
+        )
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, *, device="cpu", autocast_dtype=None):
         super().__init__(unet, scheduler, device=device, autocast_dtype=autocast_dtype)
