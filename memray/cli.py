@@ -1,8 +1,9 @@
-"""Command line: `memray inspect`, `memray audit`, `memray demo`, `memray config`."""
+"""Command line: `memray audit | query | inspect | demo | config`."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -10,9 +11,10 @@ from pathlib import Path
 
 import tomllib
 
+from memray.catalog.store import CatalogQueryError
 from memray.config import PRESETS, AuditConfig, ConfigError, load_config
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+from memray.data.sources import SourceError
+from memray.models.loading import CheckpointError
 
 
 class Progress:
@@ -95,13 +97,17 @@ def _load(args):
     return load_model(args.model, device=args.device, precision=args.precision, allow_pickle=args.allow_pickle)
 
 
-def _fit_measures(config: AuditConfig, loaded, explicit: bool) -> AuditConfig:
+def _fit_measures(config: AuditConfig, family, explicit: bool) -> AuditConfig:
     """Unconditional models cannot run prompt measures: drop them unless the user asked for them."""
     from memray.audit.runner import supported_measures
 
     if explicit:
         return config
-    return config.replace(measures=list(supported_measures(config, loaded.adapter)))
+    return config.replace(measures=list(supported_measures(config, family)))
+
+
+def _explicit_measures(args) -> bool:
+    return bool(args.config) or any(s.startswith("measures=") for s in args.set or [])
 
 
 def _fmt(value) -> str:
@@ -119,9 +125,7 @@ def cmd_inspect(args) -> int:
 
     config = build_config(args)
     loaded = _load(args)
-    config = _fit_measures(
-        config, loaded, explicit=any(s.startswith("measures=") for s in args.set or []) or bool(args.config)
-    )
+    config = _fit_measures(config, loaded.adapter, explicit=_explicit_measures(args))
     image = Path(args.image)
     item = ImageInput(image_id=image.name, uri=str(image), caption=args.caption, source=str(image))
     print(
@@ -154,17 +158,6 @@ def cmd_inspect(args) -> int:
     written.append(out / "row.json")
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
     return 0
-
-
-def _collect_images(sources: list[str]) -> list[str]:
-    images = []
-    for source in sources:
-        path = Path(source)
-        if path.is_dir():
-            images += sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            images.append(source)
-    return images
 
 
 def print_ranked(rows, stream=None) -> None:
@@ -201,20 +194,46 @@ def print_ranked(rows, stream=None) -> None:
 
 
 def cmd_audit(args) -> int:
-    """Audit images (files, folders, URLs) in-process and write the rows as Parquet."""
-    from memray.audit.runner import audit
+    """Audit every image of the sources on Ray (a local cluster is started on demand) into a catalog."""
+    from memray.dist.pipeline import PipelineOptions, run_audit
+    from memray.models import adapter_class
+    from memray.models.loading import resolve_checkpoint
 
     config = build_config(args)
-    loaded = _load(args)
-    config = _fit_measures(config, loaded, explicit=bool(args.config))
-    images = _collect_images(args.sources)
-    if not images:
-        print("no images found in " + ", ".join(args.sources), file=sys.stderr)
-        return 2
-    print(f"auditing {len(images)} images with {loaded.ref} (config {config.hash()})", file=sys.stderr)
-    rows = audit(images, loaded, config, batch_size=args.batch_size, progress=Progress())
-    print_ranked(rows)
-    write_rows(rows, args.out)
+    config = _fit_measures(config, adapter_class(resolve_checkpoint(args.model)), explicit=_explicit_measures(args))
+    options = PipelineOptions(
+        actors=args.actors,
+        batch_size=args.batch_size,
+        gpus_per_actor=args.gpus_per_actor,
+        cpus_per_actor=args.cpus_per_actor,
+        device=args.device,
+        precision=args.precision,
+        allow_pickle=args.allow_pickle,
+        retry_errors=args.retry_errors,
+        rows_per_file=args.rows_per_file,
+    )
+    print(f"auditing {', '.join(args.sources)} with {args.model} into {args.catalog} (config {config.hash()})")
+    summary = run_audit(args.sources, args.model, args.catalog, config, options)
+    print(json.dumps(dataclasses.asdict(summary)))
+    return 0
+
+
+def cmd_query(args) -> int:
+    """Run read-only SQL over the catalog's views `audits` and `latest`."""
+    from memray.catalog.store import Catalog, format_table, write_parquet
+
+    table = Catalog(args.catalog).query(args.sql)
+    if args.format == "parquet":
+        if not args.out:
+            raise ConfigError("--format parquet needs --out FILE")
+        write_parquet(table, args.out)
+        print(f"wrote {table.num_rows} rows to {args.out}", file=sys.stderr)
+    else:
+        text = format_table(table, args.format)
+        if args.out:
+            Path(args.out).write_text(text)
+        else:
+            print(text)
     return 0
 
 
@@ -231,15 +250,20 @@ def write_rows(rows, out: str) -> None:
 
 
 def cmd_demo(args) -> int:
-    """Audit a few procedurally generated images with a tiny model built in code (no download)."""
-    from memray.audit.runner import ImageInput, audit
-    from memray.demo import demo_images, demo_model
+    """The main job on the embedded default: demo images through the Ray pipeline into a catalog."""
+    from memray.catalog.schema import AuditRow
+    from memray.catalog.store import Catalog
+    from memray.demo import demo_model_dir, write_demo_images
+    from memray.dist.pipeline import PipelineOptions, run_audit
 
-    loaded = demo_model(args.cache)
-    config = PRESETS["quick"]()
-    rows = audit([ImageInput(**item) for item in demo_images()], loaded, config, batch_size=8, progress=Progress())
-    print_ranked(rows)
-    write_rows(rows, args.out)
+    out = Path(args.out)
+    model = demo_model_dir(out / "demo-model")
+    manifest = write_demo_images(out / "demo-images")
+    catalog = str(out / "catalog")
+    summary = run_audit([str(manifest)], str(model), catalog, PRESETS["quick"](), PipelineOptions(cpus_per_actor=1))
+    table = Catalog(catalog).query(f"SELECT * FROM audits WHERE run_id = '{summary.run_id}'")
+    print_ranked([AuditRow(**row) for row in table.to_pylist()])
+    print(f'catalog: {catalog}  (memray query {catalog} "SELECT * FROM latest")', file=sys.stderr)
     return 0
 
 
@@ -267,16 +291,29 @@ def main(argv=None) -> int:
     _common(p)
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("audit", help="audit image files / folders and write Parquet rows")
-    p.add_argument("sources", nargs="+", help="image files, folders (searched recursively) or fsspec URLs")
-    p.add_argument("--out", default="memray-out/audit.parquet")
-    p.add_argument("--batch-size", type=int, default=8)
+    p = sub.add_parser("audit", help="audit image sources on Ray into a Parquet catalog (resumable)")
+    p.add_argument(
+        "sources", nargs="+", help="folders, globs, image files, shards ({00000..00099}.tar), parquet, manifests"
+    )
+    p.add_argument("--catalog", required=True, help="catalog folder or URL (s3://bucket/memray-catalog)")
+    p.add_argument("--actors", type=int, default=1, help="auditor actors, each holding one model")
+    p.add_argument("--batch-size", type=int, default=4, help="images per actor batch")
+    p.add_argument("--gpus-per-actor", type=float, help="default: 1 where the cluster has GPUs, else 0")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--retry-errors", action="store_true", help="audit again images whose row is an error")
+    p.add_argument("--rows-per-file", type=int, default=2000, help="catalog rows buffered per Parquet file")
     _common(p)
     p.set_defaults(func=cmd_audit)
 
-    p = sub.add_parser("demo", help="the whole chain on a tiny model built in code")
-    p.add_argument("--cache", default="memray-out/demo-model", help="where the tiny demo checkpoint is saved")
-    p.add_argument("--out", default="memray-out/demo.parquet", help="the demo's rows")
+    p = sub.add_parser("query", help="read-only SQL over a catalog (views: audits, latest)")
+    p.add_argument("catalog")
+    p.add_argument("sql")
+    p.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
+    p.add_argument("--out", help="write to this file instead of standard output")
+    p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser("demo", help="the main job on the embedded demo model and images")
+    p.add_argument("--out", default="memray-out", help="where the demo model, images and catalog go")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("config", help="print the effective configuration and its hash")
@@ -287,7 +324,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as exc:
+    except (ConfigError, CatalogQueryError, SourceError, CheckpointError) as exc:
         print(f"memray: {exc}", file=sys.stderr)
         return 2
 

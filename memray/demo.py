@@ -7,23 +7,36 @@ nothing about memorisation; the trained demo model with planted images replaces 
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from memray.models import LoadedModel, load_model
 from memray.models.tiny import build_tiny_sd
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
 
 
-def demo_model(cache: str | Path) -> LoadedModel:
-    """Build (once) and load the tiny demo checkpoint under `cache`."""
-    path = Path(cache)
+def demo_model_dir(path: str | Path) -> Path:
+    """Build the tiny demo checkpoint at `path` unless it is there already."""
+    path = Path(path)
     if not (path / "model_index.json").exists():
         build_tiny_sd(path)
-    return load_model(str(path), device="cpu")
+    return path
+
+
+def write_demo_images(folder: str | Path) -> Path:
+    """Write the demo images as PNG files with a JSONL manifest (id, uri, caption); return the manifest."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for item in demo_images():
+        (folder / f"{item['image_id']}.png").write_bytes(item["data"])
+        lines.append(json.dumps({"id": item["image_id"], "uri": f"{item['image_id']}.png", "caption": item["caption"]}))
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
 
 
 def shape_image(shape: str, colour: str, background: str, size: int = 64) -> bytes:

@@ -7,10 +7,12 @@ import subprocess
 import sys
 
 import duckdb
+import pytest
 from conftest import png_bytes
 from PIL import Image
 
-from memray.catalog.schema import COLUMNS
+from memray.catalog.schema import AuditRow
+from memray.catalog.store import Catalog, CatalogWriter
 from memray.cli import main
 
 SMALL = (
@@ -64,24 +66,42 @@ def test_inspect_of_an_unreadable_image_exits_non_zero(tiny_sd_dir, tmp_path, ca
     assert "empty" in capsys.readouterr().out
 
 
-def test_audit_a_folder_writes_a_duckdb_readable_parquet(tiny_ddpm_dir, tmp_path, capsys):
-    folder = tmp_path / "images"
-    (folder / "sub").mkdir(parents=True)
-    (folder / "a.png").write_bytes(png_bytes(2, size=(20, 20)))
-    (folder / "sub" / "b.png").write_bytes(png_bytes(3, size=(24, 20)))
-    (folder / "sub" / "c.jpg").write_bytes(b"not a jpeg")
-    (folder / "notes.txt").write_text("ignored")
-    out = tmp_path / "rows.parquet"
-    assert main(["audit", str(folder), "--model", str(tiny_ddpm_dir), "--out", str(out), *QUICK]) == 0
-    rows = duckdb.sql(f"SELECT image_id, status, verdict, invmm_steps FROM '{out}' ORDER BY image_id").fetchall()
-    assert [r[:2] for r in rows] == [("a.png", "ok"), ("b.png", "ok"), ("c.jpg", "error")]
-    assert rows[0][2] in ("memorized", "not_memorized", "inconclusive")
-    assert tuple(duckdb.sql(f"SELECT * FROM '{out}'").columns) == COLUMNS
-    assert "a.png" in capsys.readouterr().out  # the ranked table
+def test_query_prints_tables_csv_json_and_writes_parquet(tmp_path, capsys):
+    catalog = tmp_path / "catalog"
+    with CatalogWriter(str(catalog)) as writer:
+        writer.add([AuditRow(image_id=f"i{k}", model="m", model_fingerprint="f", config_hash="c", run_id="r",
+                             audited_at="2026-11-22T00:00:00+00:00", invmm_kl=0.1 * k) for k in range(3)])  # fmt: skip
+    sql = "SELECT image_id, invmm_kl FROM latest ORDER BY invmm_kl DESC"
+    assert main(["query", str(catalog), sql]) == 0
+    assert capsys.readouterr().out.splitlines()[2].split()[0] == "i2"  # header, rule, first row
+    assert main(["query", str(catalog), sql, "--format", "json"]) == 0
+    assert [r["image_id"] for r in json.loads(capsys.readouterr().out)] == ["i2", "i1", "i0"]
+    assert main(["query", str(catalog), sql, "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "image_id,invmm_kl"
+    out = tmp_path / "top.parquet"
+    assert main(["query", str(catalog), sql, "--format", "parquet", "--out", str(out)]) == 0
+    assert duckdb.sql(f"SELECT count(*) FROM '{out}'").fetchall() == [(3,)]
+
+
+def test_query_refuses_writes_with_exit_code_2(tmp_path, capsys):
+    code = main(["query", str(tmp_path / "catalog"), f"COPY (SELECT 1) TO '{tmp_path / 'x.csv'}'"])
+    assert code == 2 and not (tmp_path / "x.csv").exists()
+    assert "memray:" in capsys.readouterr().err
 
 
 def test_bad_configuration_exits_2_with_the_reason(tiny_ddpm_dir, tmp_path, capsys):
-    code = main(["audit", str(tmp_path), "--model", str(tiny_ddpm_dir), "--set", "invmm.steps=-1"])
+    code = main(
+        [
+            "audit",
+            str(tmp_path),
+            "--model",
+            str(tiny_ddpm_dir),
+            "--catalog",
+            str(tmp_path / "c"),
+            "--set",
+            "invmm.steps=-1",
+        ]
+    )
     assert code == 2
     assert "invmm.steps: must be > 0" in capsys.readouterr().err
 
@@ -97,10 +117,16 @@ def test_console_script_prints_the_config_and_its_hash():
     assert printed["invmm"]["steps"] == quick_config().invmm.steps
 
 
-def test_demo_runs_the_chain_on_the_built_in_model_and_writes_its_rows(tmp_path, capsys):
-    out = tmp_path / "demo.parquet"
-    assert main(["demo", "--cache", str(tmp_path / "model"), "--out", str(out)]) == 0
-    ranked = capsys.readouterr().out.splitlines()
-    assert ranked[0].split()[:2] == ["image_id", "verdict"] and len(ranked) == 7
-    (counts,) = duckdb.sql(f"SELECT count(*), count(DISTINCT image_id), min(status) FROM '{out}'").fetchall()
-    assert counts == (6, 6, "ok")
+@pytest.mark.slow
+def test_demo_runs_the_main_job_on_the_embedded_default(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert "audited 6/6 images (0 errors)" in printed[-8]  # the job's progress line, then the ranked table
+    assert printed[-7].split()[:2] == ["image_id", "verdict"]
+    assert sorted(line.split()[0] for line in printed[-6:]) == [f"demo-{i:02d}" for i in range(6)]
+    (counts,) = (
+        Catalog(str(tmp_path / "catalog"))
+        .query("SELECT count(*) AS n, count(DISTINCT image_id) AS ids, min(status) AS status FROM audits")
+        .to_pylist()
+    )
+    assert counts == {"n": 6, "ids": 6, "status": "ok"}

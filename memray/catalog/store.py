@@ -1,0 +1,392 @@
+"""The catalog on disk or object storage: append-only Parquet files and read-only DuckDB views.
+
+Layout: `{root}/model={slug}/part-{UTC timestamp}-{uuid8}.parquet`, every file with the schema
+of `memray.catalog.schema`. Files are only ever added, each in one atomic step (a rename on a
+local disk, a single PUT on an object store), so a reader never sees half a file and a crash
+loses at most the rows still buffered in a writer.
+
+Views (in a fresh in-memory DuckDB per `Catalog.connect()`):
+- `audits`: every row of every `**/*.parquet` under the root;
+- `latest`: the newest `status = 'ok'` row per (image_id, model).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import math
+import os
+import re
+import time
+import uuid
+from collections.abc import Iterable
+
+import duckdb
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from memray.catalog.schema import ARROW_SCHEMA, AuditRow, rows_to_table
+
+# Object stores make a single PUT visible all at once (or not at all); the in-memory filesystem
+# of tests commits a file when it is closed. Everything else gets a temporary name and a rename.
+_ATOMIC_PUT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2", "memory"})
+_SAFE_SLUG = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
+_TMP_SUFFIX = ".tmp"
+
+
+class CatalogQueryError(ValueError):
+    """A query the catalog refuses (not a single read-only SELECT) or cannot run."""
+
+
+# ---------------------------------------------------------------------------------------------
+# filesystems
+
+
+def open_fs(url) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, root path without protocol) for a local path or an fsspec URL.
+
+    For s3:// the endpoint comes from `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL` when set
+    (passed to s3fs explicitly, so any S3-compatible server on any address works).
+    """
+    url = os.fspath(url)
+    protocol = fsspec.core.split_protocol(url)[0] or "file"
+    kwargs: dict = {}
+    if protocol in ("s3", "s3a"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            kwargs["client_kwargs"] = {"endpoint_url": endpoint}
+    fs, root = fsspec.core.url_to_fs(url, **kwargs)
+    return fs, root.rstrip("/") or root
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+
+
+def _is_local(fs) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def _put_atomic(fs, path: str, data: bytes) -> None:
+    """Make `path` appear with content `data` in one step: readers see all of it or nothing."""
+    if _is_local(fs):
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        tmp = f"{path}{_TMP_SUFFIX}"
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        try:  # make the rename itself durable
+            fd = os.open(directory, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    elif set(_protocols(fs)) & _ATOMIC_PUT_PROTOCOLS:
+        fs.pipe_file(path, data)
+    else:  # e.g. sftp, hdfs: a temporary name in the same folder, then a rename
+        tmp = f"{path}{_TMP_SUFFIX}"
+        fs.pipe_file(tmp, data)
+        fs.mv(tmp, path)
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def write_parquet(table: pa.Table, path) -> str:
+    """Write a query result as one Parquet file (local path or fsspec URL), atomically."""
+    fs, target = open_fs(path)
+    _put_atomic(fs, target, _parquet_bytes(table))
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def _partition_slug(model: str | None) -> str:
+    if model is None:
+        raise ValueError("catalog rows need a model (the partition key); got model=None")
+    if not _SAFE_SLUG.match(model):
+        raise ValueError(
+            f"model {model!r} is not a safe partition value (letters, digits, '.', '_', '-'; no leading dot)"
+        )
+    return model
+
+
+class CatalogWriter:
+    """Buffers rows and appends them to the catalog as Parquet files, one per model partition.
+
+    A flush happens in `add` when `target_rows` rows are buffered or `max_seconds` have passed
+    since the first buffered row, and in `close` (also on leaving a `with` block). Each file is
+    written in one atomic step. `files` lists the paths written, `rows_written` counts rows.
+    """
+
+    def __init__(self, catalog_url, *, target_rows: int = 2000, max_seconds: float = 60):
+        if target_rows < 1:
+            raise ValueError("target_rows must be at least 1")
+        self.fs, self.root = open_fs(catalog_url)
+        self.target_rows = int(target_rows)
+        self.max_seconds = float(max_seconds)
+        self.files: list[str] = []
+        self.rows_written = 0
+        self._buffer: list[AuditRow] = []
+        self._first_at: float | None = None
+        self._closed = False
+
+    @property
+    def buffered(self) -> int:
+        """Rows added but not yet written."""
+        return len(self._buffer)
+
+    def add(self, rows: Iterable[AuditRow]) -> None:
+        """Buffer rows; flush when the buffer is full or old enough."""
+        if self._closed:
+            raise ValueError("CatalogWriter is closed")
+        rows = list(rows)
+        for row in rows:
+            _partition_slug(row.model)  # refuse a bad row now, not at flush time
+        if not rows:
+            self._flush_if_due()
+            return
+        if self._first_at is None:
+            self._first_at = time.monotonic()
+        self._buffer.extend(rows)
+        self._flush_if_due()
+
+    def _flush_if_due(self) -> None:
+        if not self._buffer:
+            return
+        if len(self._buffer) >= self.target_rows or time.monotonic() - self._first_at >= self.max_seconds:
+            self.flush()
+
+    def flush(self) -> list[str]:
+        """Write every buffered row now; returns the paths written by this flush.
+
+        If writing one partition fails, the partitions already written leave the buffer and the
+        rest stay, so retrying does not duplicate rows.
+        """
+        by_model: dict[str, list[AuditRow]] = {}
+        for row in self._buffer:
+            by_model.setdefault(_partition_slug(row.model), []).append(row)
+        written: list[str] = []
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        try:
+            for slug in sorted(by_model):
+                rows = by_model[slug]
+                path = f"{self.root}/model={slug}/part-{stamp}-{uuid.uuid4().hex[:8]}.parquet"
+                _put_atomic(self.fs, path, _parquet_bytes(rows_to_table(rows)))
+                written.append(path)
+                self.files.append(path)
+                self.rows_written += len(rows)
+                del by_model[slug]
+        finally:
+            self._buffer = [row for rows in by_model.values() for row in rows]
+            self._first_at = time.monotonic() if self._buffer else None
+        return written
+
+    def close(self) -> None:
+        """Flush the remaining rows; the writer takes no more rows afterwards."""
+        if self._closed:
+            return
+        if self._buffer:
+            self.flush()
+        self._closed = True
+
+    def __enter__(self) -> CatalogWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+def _sql_string(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _glob_escape(path: str) -> str:
+    """`path` with glob characters matched literally (`[*]`), for DuckDB's and fsspec's globbing."""
+    return re.sub(r"([*?\[])", r"[\1]", path)
+
+
+_EMPTY_TABLE = "_memray_empty"
+_AUDITS_SQL = """
+CREATE VIEW audits AS
+SELECT * FROM {empty}
+UNION ALL BY NAME
+SELECT * FROM read_parquet({pattern}, hive_partitioning = false, union_by_name = true)
+"""
+_AUDITS_EMPTY_SQL = "CREATE VIEW audits AS SELECT * FROM {empty}"
+# Newest ok row per (image_id, model); equal audited_at broken by run_id, config_hash, fingerprint.
+_LATEST_SQL = """
+CREATE VIEW latest AS
+SELECT * FROM audits
+WHERE status = 'ok'
+QUALIFY row_number() OVER (
+    PARTITION BY image_id, model
+    ORDER BY audited_at DESC NULLS LAST, run_id DESC NULLS LAST,
+             config_hash DESC NULLS LAST, model_fingerprint DESC NULLS LAST
+) = 1
+"""
+
+
+class Catalog:
+    """Read side of a catalog: DuckDB views `audits` and `latest`, read-only queries, resume keys."""
+
+    def __init__(self, catalog_url):
+        self.url = os.fspath(catalog_url)
+        self.fs, self.root = open_fs(self.url)
+
+    def _duckdb_root(self) -> str:
+        """The root as DuckDB should see it: a plain path locally, else a URL of the registered fs."""
+        if _is_local(self.fs):
+            return self.root
+        return self.fs.unstrip_protocol(self.root)
+
+    def connect(self) -> duckdb.DuckDBPyConnection:
+        """A fresh in-memory DuckDB with the views `audits` and `latest` over the catalog as it is now.
+
+        The connection can read only the catalog's own files: external access is switched off
+        (except for the catalog root) and the configuration is locked.
+        """
+        con = duckdb.connect(":memory:")
+        try:
+            con.execute("SET autoinstall_known_extensions = false")
+            con.execute("SET autoload_known_extensions = false")
+            if not _is_local(self.fs):
+                self.fs.invalidate_cache(self.root)  # s3fs caches listings; see new files
+                con.register_filesystem(self.fs)
+            root = self._duckdb_root().rstrip("/")
+            pattern = _glob_escape(root) + "/**/*.parquet"
+            # DuckDB checks both the pattern and each file it expands to against this list.
+            allowed = {root + "/", _glob_escape(root) + "/"}
+            if not _is_local(self.fs):  # some fsspec filesystems glob to protocol:///path
+                allowed.add(f"{_protocols(self.fs)[0]}:///{self.root.strip('/')}/")
+
+            empty = pa.Table.from_batches([], schema=ARROW_SCHEMA)
+            con.from_arrow(empty).create(_EMPTY_TABLE)
+            has_files = con.execute("SELECT count(*) FROM glob(?)", [pattern]).fetchone()[0] > 0
+            if has_files:
+                con.execute(_AUDITS_SQL.format(empty=_EMPTY_TABLE, pattern=_sql_string(pattern)))
+            else:
+                con.execute(_AUDITS_EMPTY_SQL.format(empty=_EMPTY_TABLE))
+            con.execute(_LATEST_SQL)
+
+            con.execute("SET allowed_directories = [" + ", ".join(_sql_string(a) for a in sorted(allowed)) + "]")
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
+        except BaseException:
+            con.close()
+            raise
+        return con
+
+    def query(self, sql: str) -> pa.Table:
+        """Run one read-only SELECT over the views; anything else raises CatalogQueryError."""
+        con = self.connect()
+        try:
+            try:
+                statements = con.extract_statements(sql)
+            except duckdb.Error as exc:
+                raise CatalogQueryError(f"cannot parse query: {exc}") from exc
+            if len(statements) != 1:
+                raise CatalogQueryError(
+                    f"catalog queries take exactly one SELECT statement; got {len(statements)} statements"
+                )
+            kind = statements[0].type
+            if kind != duckdb.StatementType.SELECT:
+                raise CatalogQueryError(
+                    f"catalog queries are read-only: only SELECT is allowed, not {kind.name} (views: audits, latest)"
+                )
+            try:
+                return con.sql(statements[0].query).to_arrow_table()
+            except duckdb.Error as exc:
+                raise CatalogQueryError(f"query failed: {exc}") from exc
+        finally:
+            con.close()
+
+    def completed_keys(self, model_fingerprint: str, config_hash: str, *, include_errors: bool = False) -> set[str]:
+        """image_ids with an ok row (any row with include_errors) for this fingerprint and config."""
+        con = self.connect()
+        try:
+            sql = "SELECT DISTINCT image_id FROM audits WHERE model_fingerprint = ? AND config_hash = ?"
+            if not include_errors:
+                sql += " AND status = 'ok'"
+            return {image_id for (image_id,) in con.execute(sql, [model_fingerprint, config_hash]).fetchall()}
+        finally:
+            con.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# output
+
+
+def _json_value(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, dict):
+        return {k: _json_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_value(v) for v in value]
+    return value
+
+
+def _text_value(value) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def format_table(table: pa.Table, fmt: str = "table") -> str:
+    """A query result as text: `table` (aligned columns), `csv` (with header) or `json` (records)."""
+    names = table.column_names
+    records = table.to_pylist()
+    if fmt == "json":
+        return json.dumps([_json_value(r) for r in records], default=str, allow_nan=False)
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(names)
+        for r in records:
+            writer.writerow(["" if r[n] is None else r[n] for n in names])
+        return out.getvalue()
+    if fmt == "table":
+        cells = [[_text_value(r[n]).replace("\n", "\\n") for n in names] for r in records]
+        numeric = [
+            pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t) for t in table.schema.types
+        ]
+        widths = [max([len(n)] + [len(row[i]) for row in cells]) for i, n in enumerate(names)]
+
+        def line(values):
+            return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+
+        lines = [line(names), "  ".join("-" * w for w in widths)]
+        lines += [line(row) for row in cells]
+        lines.append(f"({table.num_rows} row{'s' if table.num_rows != 1 else ''})")
+        return "\n".join(lines)
+    raise ValueError(f"unknown format {fmt!r}; expected table, csv or json")

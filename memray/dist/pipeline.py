@@ -1,0 +1,178 @@
+"""The distributed audit: Ray Data from image sources to Auditor actors to the Parquet catalog.
+
+The only module that imports ray. Reading runs in Ray tasks, one per unit (an image file, a
+webdataset shard, an img2dataset parquet, a manifest); auditing runs in an actor pool whose
+actors each hold one loaded model; the driver streams result rows into the catalog as they
+arrive. A crash loses at most the rows still buffered, and a rerun finishes the work: resume
+skips every image that already has a row for the same model fingerprint and config hash.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from memray.audit.runner import ImageInput, audit_batch, check_compatible
+from memray.catalog.schema import AuditRow, rows_to_table
+from memray.catalog.store import Catalog, CatalogWriter
+from memray.config import AuditConfig, from_dict
+from memray.data.sources import Unit, count_images, list_units, read_unit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """How the audit is spread over the cluster; none of it changes a result."""
+
+    actors: int = 1
+    batch_size: int = 4
+    gpus_per_actor: float | None = None  # None: 1 where the cluster has GPUs, else 0
+    cpus_per_actor: float = 1.0
+    device: str | None = None
+    precision: str = "fp32"
+    allow_pickle: bool = False
+    retry_errors: bool = False  # audit again images whose last row is an error
+    max_restarts: int = 2  # an actor killed by an image is restarted at most this often
+    max_task_retries: int = 2
+    rows_per_file: int = 2000
+    flush_seconds: float = 60.0
+
+
+class Auditor:
+    """Ray actor: loads the model once, maps a batch of source records to catalog rows."""
+
+    def __init__(self, model_ref: str, config_json: str, run_id: str, options: PipelineOptions):
+        from memray.models import load_model
+
+        self.loaded = load_model(
+            model_ref, device=options.device, precision=options.precision, allow_pickle=options.allow_pickle
+        )
+        self.config = from_dict(json.loads(config_json))
+        self.run_id = run_id
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        inputs = [ImageInput(**record) for record in batch.to_pylist()]
+        audits = audit_batch(self.loaded, inputs, self.config, run_id=self.run_id)
+        return rows_to_table([a.row for a in audits])
+
+
+def _read_records(unit_row: dict, *, skip: frozenset[str]) -> list[dict]:
+    """All records of one unit, minus images that resume skips (their bytes never leave the task)."""
+    unit = Unit(kind=unit_row["kind"], uri=unit_row["uri"], root=unit_row["root"])
+    return [record for record in read_unit(unit) if record["image_id"] not in skip]
+
+
+class ProgressLog:
+    """Images done / total, rate and ETA, as plain log lines (jobs run without a terminal)."""
+
+    def __init__(self, total: int | None, every_seconds: float = 10.0, stream=None):
+        self.total, self.every, self.stream = total, every_seconds, stream or sys.stdout
+        self.done = self.errors = 0
+        self.started = self.last = time.monotonic()
+
+    def update(self, rows: list[AuditRow]) -> None:
+        """Count finished rows; print a line at most every `every_seconds`."""
+        self.done += len(rows)
+        self.errors += sum(row.status != "ok" for row in rows)
+        if time.monotonic() - self.last >= self.every:
+            self.print()
+
+    def print(self) -> None:
+        """Print the current line."""
+        self.last = time.monotonic()
+        elapsed = self.last - self.started
+        rate = self.done / elapsed * 3600 if elapsed > 0 else 0.0
+        if self.total:
+            eta = (self.total - self.done) / (rate / 3600) if rate else float("inf")
+            line = f"audited {self.done}/{self.total} images ({self.errors} errors), {rate:.0f} images/h, ETA {eta:.0f} s"
+        else:
+            line = f"audited {self.done} images ({self.errors} errors), {rate:.0f} images/h"
+        print(line, file=self.stream, flush=True)
+
+
+@dataclass
+class AuditSummary:
+    """What a run did: rows written, skipped by resume, files, seconds."""
+
+    run_id: str
+    rows: int
+    errors: int
+    skipped: int
+    files: list[str]
+    seconds: float
+
+
+def run_audit(
+    sources: list[str],
+    model_ref: str,
+    catalog_url: str,
+    config: AuditConfig,
+    options: PipelineOptions = PipelineOptions(),
+) -> AuditSummary:
+    """Audit every image of `sources` with `model_ref`, appending rows to the catalog at `catalog_url`."""
+    import ray
+
+    from memray.models import adapter_class
+    from memray.models.loading import model_fingerprint, require_safe_weights, resolve_checkpoint
+
+    started = time.monotonic()
+    # Faults of the configuration or the checkpoint stop the job here, before any actor starts.
+    path = resolve_checkpoint(model_ref)
+    require_safe_weights(path, allow_pickle=options.allow_pickle)
+    check_compatible(config, adapter_class(path))
+    fingerprint = model_fingerprint(path)
+    done = Catalog(catalog_url).completed_keys(fingerprint, config.hash(), include_errors=not options.retry_errors)
+    units = [unit for source in sources for unit in list_units(source)]
+    counts = [count_images(unit) for unit in units]
+    total = None if None in counts else max(0, sum(counts) - len(done))
+    run_id = uuid.uuid4().hex[:12]
+    log.info("run %s: %d units, %s images to audit, %d already audited", run_id, len(units), total, len(done))
+
+    if not ray.is_initialized():
+        # Under `ray job submit` RAY_ADDRESS names the job's cluster; elsewhere start a private
+        # local Ray rather than joining whatever cluster last ran on this machine.
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False)
+    gpus = options.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    dataset = ray.data.from_items([{"kind": u.kind, "uri": u.uri, "root": u.root} for u in units])
+    dataset = dataset.flat_map(functools.partial(_read_records, skip=frozenset(done)))
+    dataset = dataset.map_batches(
+        Auditor,
+        fn_constructor_args=(model_ref, config.to_json(), run_id, options),
+        batch_size=options.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=options.actors),
+        num_gpus=gpus,
+        num_cpus=options.cpus_per_actor,
+        max_restarts=options.max_restarts,
+        max_task_retries=options.max_task_retries,
+    )
+    writer = CatalogWriter(catalog_url, target_rows=options.rows_per_file, max_seconds=options.flush_seconds)
+    progress = ProgressLog(total)
+    try:
+        for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            rows = [AuditRow(**record) for record in table.to_pylist()]
+            writer.add(rows)
+            progress.update(rows)
+    finally:
+        writer.close()
+    progress.print()
+    return AuditSummary(
+        run_id=run_id,
+        rows=progress.done,
+        errors=progress.errors,
+        skipped=len(done),
+        files=list(writer.files),
+        seconds=time.monotonic() - started,
+    )
+
