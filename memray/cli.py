@@ -215,6 +215,9 @@ def cmd_audit(args) -> int:
     print(f"auditing {', '.join(args.sources)} with {args.model} into {args.catalog} (config {config.hash()})")
     summary = run_audit(args.sources, args.model, args.catalog, config, options)
     print(json.dumps(dataclasses.asdict(summary)))
+    if summary.unfinished:
+        print(f"memray: {len(summary.unfinished)} images have no row yet; run the same command again", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -5,6 +5,9 @@ of `memray.catalog.schema`. Files are only ever added, each in one atomic step (
 local disk, a single PUT on an object store), so a reader never sees half a file and a crash
 loses at most the rows still buffered in a writer.
 
+Beside the data, `{root}/_inflight/` holds the crash journal (`CrashJournal`): one small JSON
+file per image being audited, so an image whose worker dies is recognised when Ray retries it.
+
 Views (in a fresh in-memory DuckDB per `Catalog.connect()`):
 - `audits`: every row of every `**/*.parquet` under the root;
 - `latest`: the newest `status = 'ok'` row per (image_id, model).
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import hashlib
 import io
 import json
 import math
@@ -216,6 +220,49 @@ class CatalogWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class CrashJournal:
+    """Which images were being audited when their worker died, kept on the catalog's filesystem.
+
+    An auditor marks an image before auditing it and unmarks it afterwards, so a marker that is
+    still there when the image comes round again (Ray retries the task on a restarted actor, or a
+    later run resumes) counts one death of the worker that held it. Markers are per image, model
+    fingerprint and config hash, so they survive retries, restarts and reruns alike, and never
+    depend on which batch the image was in.
+    """
+
+    def __init__(self, catalog_url, model_fingerprint: str, config_hash: str):
+        self.fs, root = open_fs(catalog_url)
+        self.folder = f"{root}/_inflight/{model_fingerprint[:16]}-{config_hash}"
+
+    def _path(self, image_id: str) -> str:
+        return f"{self.folder}/{hashlib.sha256(image_id.encode()).hexdigest()[:32]}.json"
+
+    def deaths(self, image_id: str) -> int:
+        """How many times a worker died while auditing this image (0 when it is not marked)."""
+        try:
+            return int(json.loads(self.fs.cat_file(self._path(image_id)))["deaths"])
+        except FileNotFoundError:
+            return 0
+
+    def mark(self, image_id: str, deaths: int) -> None:
+        """Record that the image is being audited, after `deaths` earlier deaths of its worker."""
+        _put_atomic(self.fs, self._path(image_id), json.dumps({"image_id": image_id, "deaths": deaths + 1}).encode())
+
+    def unmark(self, image_id: str) -> None:
+        """The image's audit finished (with a row, ok or error): forget it."""
+        try:
+            self.fs.rm_file(self._path(image_id))
+        except FileNotFoundError:
+            pass
+
+    def marked(self) -> list[str]:
+        """Images still marked: their worker died, or their batch failed, and no row came back."""
+        if not self.fs.exists(self.folder):
+            return []
+        self.fs.invalidate_cache(self.folder)
+        return sorted(json.loads(self.fs.cat_file(path))["image_id"] for path in self.fs.glob(f"{self.folder}/*.json"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,13 +16,14 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
 
 from memray.audit.runner import ImageInput, audit_batch, check_compatible
 from memray.catalog.schema import AuditRow, rows_to_table
-from memray.catalog.store import Catalog, CatalogWriter
+from memray.catalog.store import Catalog, CatalogWriter, CrashJournal
 from memray.config import AuditConfig, from_dict
 from memray.data.sources import Unit, count_images, list_units, read_unit
 
@@ -41,8 +42,12 @@ class PipelineOptions:
     precision: str = "fp32"
     allow_pickle: bool = False
     retry_errors: bool = False  # audit again images whose last row is an error
-    max_restarts: int = 2  # an actor killed by an image is restarted at most this often
+    # An image whose worker died this often while auditing it becomes an error row (CrashJournal).
+    # Ray retries a failed batch max_task_retries times: one death with the batch, one alone.
+    max_worker_deaths: int = 2
     max_task_retries: int = 2
+    max_restarts: int = 32  # per actor: a pool must outlive a few bad images over a long job
+    max_failed_batches: int = 64  # a batch that fails past its retries is skipped (and reported)
     rows_per_file: int = 2000
     flush_seconds: float = 60.0
 
@@ -50,7 +55,7 @@ class PipelineOptions:
 class Auditor:
     """Ray actor: loads the model once, maps a batch of source records to catalog rows."""
 
-    def __init__(self, model_ref: str, config_json: str, run_id: str, options: PipelineOptions):
+    def __init__(self, model_ref: str, config_json: str, run_id: str, options: PipelineOptions, journal: CrashJournal):
         from memray.models import load_model
 
         self.loaded = load_model(
@@ -58,17 +63,38 @@ class Auditor:
         )
         self.config = from_dict(json.loads(config_json))
         self.run_id = run_id
+        self.journal = journal
+        self.max_worker_deaths = options.max_worker_deaths
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         inputs = [ImageInput(**record) for record in batch.to_pylist()]
+        deaths = {inp.image_id: self.journal.deaths(inp.image_id) for inp in inputs}
+        if any(deaths.values()):
+            # A worker died on this batch before: one image at a time, so a death points at one image.
+            rows = [row for inp in inputs for row in self._audit([inp], deaths)]
+        else:
+            rows = self._audit(inputs, deaths)
+        return rows_to_table(rows)
+
+    def _audit(self, inputs: list[ImageInput], deaths: dict[str, int]) -> list[AuditRow]:
+        for inp in inputs:
+            if deaths[inp.image_id] >= self.max_worker_deaths:
+                inp.error = (
+                    f"the worker died {deaths[inp.image_id]} times while auditing this image (out of memory, "
+                    "or a crash in native code); not retried"
+                )
+            else:
+                self.journal.mark(inp.image_id, deaths[inp.image_id])
         audits = audit_batch(self.loaded, inputs, self.config, run_id=self.run_id)
-        return rows_to_table([a.row for a in audits])
+        for inp in inputs:
+            self.journal.unmark(inp.image_id)
+        return [a.row for a in audits]
 
 
-def _read_records(unit_row: dict, *, skip: frozenset[str]) -> list[dict]:
-    """All records of one unit, minus images that resume skips (their bytes never leave the task)."""
+def _read_records(unit_row: dict, *, skip: frozenset[str]) -> Iterator[dict]:
+    """The records of one unit, minus images that resume skips (their bytes never leave the task)."""
     unit = Unit(kind=unit_row["kind"], uri=unit_row["uri"], root=unit_row["root"])
-    return [record for record in read_unit(unit) if record["image_id"] not in skip]
+    return (record for record in read_unit(unit) if record["image_id"] not in skip)
 
 
 class ProgressLog:
@@ -93,7 +119,9 @@ class ProgressLog:
         rate = self.done / elapsed * 3600 if elapsed > 0 else 0.0
         if self.total:
             eta = (self.total - self.done) / (rate / 3600) if rate else float("inf")
-            line = f"audited {self.done}/{self.total} images ({self.errors} errors), {rate:.0f} images/h, ETA {eta:.0f} s"
+            line = (
+                f"audited {self.done}/{self.total} images ({self.errors} errors), {rate:.0f} images/h, ETA {eta:.0f} s"
+            )
         else:
             line = f"audited {self.done} images ({self.errors} errors), {rate:.0f} images/h"
         print(line, file=self.stream, flush=True)
@@ -101,12 +129,13 @@ class ProgressLog:
 
 @dataclass
 class AuditSummary:
-    """What a run did: rows written, skipped by resume, files, seconds."""
+    """What a run did: rows written, skipped by resume, images left unfinished, files, seconds."""
 
     run_id: str
     rows: int
     errors: int
     skipped: int
+    unfinished: list[str]  # their batch failed past its retries: a rerun picks them up
     files: list[str]
     seconds: float
 
@@ -137,18 +166,24 @@ def run_audit(
     run_id = uuid.uuid4().hex[:12]
     log.info("run %s: %d units, %s images to audit, %d already audited", run_id, len(units), total, len(done))
 
-    if not ray.is_initialized():
+    started_ray = not ray.is_initialized()
+    if started_ray:
         # Under `ray job submit` RAY_ADDRESS names the job's cluster; elsewhere start a private
         # local Ray rather than joining whatever cluster last ran on this machine.
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False)
     gpus = options.gpus_per_actor
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    journal = CrashJournal(catalog_url, fingerprint, config.hash())
+    ray.data.DataContext.get_current().max_errored_blocks = options.max_failed_batches
     dataset = ray.data.from_items([{"kind": u.kind, "uri": u.uri, "root": u.root} for u in units])
     dataset = dataset.flat_map(functools.partial(_read_records, skip=frozenset(done)))
+    # One block per batch: rows stream out as each batch finishes (not when a whole shard has),
+    # and a batch that fails past its retries loses only itself.
+    dataset = dataset.repartition(target_num_rows_per_block=options.batch_size)
     dataset = dataset.map_batches(
         Auditor,
-        fn_constructor_args=(model_ref, config.to_json(), run_id, options),
+        fn_constructor_args=(model_ref, config.to_json(), run_id, options, journal),
         batch_size=options.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=options.actors),
@@ -166,13 +201,18 @@ def run_audit(
             progress.update(rows)
     finally:
         writer.close()
+        if started_ray:
+            ray.shutdown()
     progress.print()
+    unfinished = journal.marked()
+    if unfinished:
+        log.warning("%d images have no row yet (their batch failed); rerun to audit them", len(unfinished))
     return AuditSummary(
         run_id=run_id,
         rows=progress.done,
         errors=progress.errors,
         skipped=len(done),
+        unfinished=unfinished,
         files=list(writer.files),
         seconds=time.monotonic() - started,
     )
-
