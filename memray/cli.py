@@ -1,4 +1,4 @@
-"""Command line: `memray audit | query | inspect | demo | config`."""
+"""Command line: `memray audit | query | compare | inspect | demo | config`."""
 
 from __future__ import annotations
 
@@ -277,6 +277,90 @@ def cmd_config(args) -> int:
     return 0
 
 
+# Faults of the user's input: reported in one line with exit code 2, not as a traceback.
+USAGE_ERRORS = (ConfigError, CatalogQueryError, SourceError, CheckpointError)
+
+
+def _off_or(cast):
+    """argparse type: a non-negative `cast` value, or `off` (None) to switch the check off."""
+
+    def parse(text: str):
+        if text.lower() == "off":
+            return None
+        value = cast(text)
+        if not value >= 0:
+            raise argparse.ArgumentTypeError(f"must be a non-negative number or 'off', got {text!r}")
+        return value
+
+    parse.__name__ = cast.__name__  # argparse names the type in its error messages
+    return parse
+
+
+def add_policy_args(parser: argparse.ArgumentParser) -> None:
+    """The ComparePolicy flags, shared by `memray compare` and jobs/nightly.py (every one takes `off`)."""
+    from memray.catalog.compare import ComparePolicy
+
+    default = ComparePolicy()
+    group = parser.add_argument_group("policy (exit code 1 when violated)", "Every limit and threshold takes `off`.")
+    limit, threshold = _off_or(int), _off_or(float)
+    for kind, what in [
+        ("newly-memorized", "images whose verdict became memorized"),
+        ("newly-replicated", "images InvMM replicates under the new model but never did under the base"),
+        ("kl-regressions", "images whose InvMM KL fell beyond --kl-drop / --kl-drop-rel"),
+        ("shift-regressions", "images whose Wasserstein shift rose beyond --shift-rise"),
+    ]:
+        dest = "max_" + kind.replace("-", "_")
+        value = getattr(default, dest)
+        group.add_argument(f"--max-{kind}", type=limit, default=value, metavar="N", help=f"{what} (default: {value})")
+    group.add_argument(
+        "--max-missing",
+        type=limit,
+        default=default.max_missing,
+        metavar="N",
+        help="images audited ok under the base model but not under the new one (default: off)",
+    )
+    group.add_argument(
+        "--kl-drop",
+        type=threshold,
+        default=default.kl_drop,
+        metavar="X",
+        help="absolute fall of invmm_kl (default: off)",
+    )
+    group.add_argument(
+        "--kl-drop-rel",
+        type=threshold,
+        default=default.kl_drop_rel,
+        metavar="F",
+        help=f"fall of invmm_kl as a fraction of the base KL (default: {default.kl_drop_rel})",
+    )
+    group.add_argument(
+        "--shift-rise",
+        type=threshold,
+        default=default.shift_rise,
+        metavar="SD",
+        help="rise of wasserstein_shift_sd in sd (default: off)",
+    )
+
+
+def policy_from_args(args):
+    """The ComparePolicy of the flags added by add_policy_args."""
+    from memray.catalog.compare import ComparePolicy
+
+    return ComparePolicy(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ComparePolicy)})
+
+
+def cmd_compare(args) -> int:
+    """Compare two audited models image by image; exit code 1 when the policy is violated."""
+    from memray.catalog.compare import compare_models
+    from memray.catalog.store import Catalog
+
+    comparison = compare_models(Catalog(args.catalog), args.base, args.new, policy_from_args(args))
+    if args.out:
+        Path(args.out).write_text(comparison.to_json())
+    print(comparison.to_json() if args.format == "json" else comparison.to_text(limit=args.limit))
+    return 1 if comparison.violations else 0
+
+
 def main(argv=None) -> int:
     """Entry point of the `memray` command."""
     parser = argparse.ArgumentParser(
@@ -324,10 +408,20 @@ def main(argv=None) -> int:
     p.add_argument("--preset", choices=sorted(PRESETS), default="reference")
     p.set_defaults(func=cmd_config)
 
+    p = sub.add_parser("compare", help="per-image changes between two audited models; exit 1 on regressions")
+    p.add_argument("catalog")
+    p.add_argument("--base", required=True, help="model slug audited before (the `model` column)")
+    p.add_argument("--new", required=True, help="model slug to judge against it")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.add_argument("--out", help="also write the comparison as JSON to this file")
+    p.add_argument("--limit", type=_off_or(int), default=20, help="rows of the per-image table (default 20; off: all)")
+    add_policy_args(p)
+    p.set_defaults(func=cmd_compare)
+
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CatalogQueryError, SourceError, CheckpointError) as exc:
+    except USAGE_ERRORS as exc:
         print(f"memray: {exc}", file=sys.stderr)
         return 2
 
