@@ -7,9 +7,8 @@ import dataclasses
 import json
 import sys
 import time
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 from memray.catalog.store import CatalogQueryError
 from memray.config import PRESETS, AuditConfig, ConfigError, load_config
@@ -63,6 +62,8 @@ def build_config(args) -> AuditConfig:
         data["similarity"].update(kind="sscd", sscd_path=args.sscd)
     if args.seed is not None:
         data["seed"] = args.seed
+    if args.precision is not None:
+        data["precision"] = args.precision
     from memray.config import from_dict
 
     return from_dict(data)
@@ -84,17 +85,19 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument(
-        "--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast precision on GPU"
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        help="autocast precision on GPU (part of the config: it changes results; default fp32)",
     )
     parser.add_argument(
         "--allow-pickle", action="store_true", help="allow pickle (.bin/.ckpt) weights: they can execute code on load"
     )
 
 
-def _load(args):
+def _load(args, config: AuditConfig):
     from memray.models import load_model
 
-    return load_model(args.model, device=args.device, precision=args.precision, allow_pickle=args.allow_pickle)
+    return load_model(args.model, device=args.device, precision=config.precision, allow_pickle=args.allow_pickle)
 
 
 def _fit_measures(config: AuditConfig, family, explicit: bool) -> AuditConfig:
@@ -115,6 +118,8 @@ def _fmt(value) -> str:
         return "-"
     if isinstance(value, float):
         return f"{value:.4g}"
+    if isinstance(value, list):
+        return f"[{len(value)} values]"
     return str(value)
 
 
@@ -124,7 +129,7 @@ def cmd_inspect(args) -> int:
     from memray.report.plots import save_error_distributions, save_image_row
 
     config = build_config(args)
-    loaded = _load(args)
+    loaded = _load(args, config)
     config = _fit_measures(config, loaded.adapter, explicit=_explicit_measures(args))
     image = Path(args.image)
     item = ImageInput(image_id=image.name, uri=str(image), caption=args.caption, source=str(image))
@@ -133,7 +138,8 @@ def cmd_inspect(args) -> int:
         f"{loaded.adapter.resolution}px, config {config.hash()})",
         file=sys.stderr,
     )
-    (result,) = audit_batch(loaded, [item], config, progress=Progress())
+    # No replicas_png: inspect draws its own, larger samples.png below (and row.json stays JSON).
+    (result,) = audit_batch(loaded, [item], config, progress=Progress(), replicas=0)
     row = result.row
     for key, value in row.to_dict().items():
         if key != "config":
@@ -193,25 +199,41 @@ def print_ranked(rows, stream=None) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)), file=stream)
 
 
-def cmd_audit(args) -> int:
-    """Audit every image of the sources on Ray (a local cluster is started on demand) into a catalog."""
-    from memray.dist.pipeline import PipelineOptions, run_audit
-    from memray.models import adapter_class
-    from memray.models.loading import resolve_checkpoint
+def add_pipeline_args(parser: argparse.ArgumentParser) -> None:
+    """How an audit is spread over Ray (none of it changes a result); shared with jobs/nightly.py."""
+    parser.add_argument("--actors", type=int, default=1, help="auditor actors, each holding one model")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per actor batch")
+    parser.add_argument("--gpus-per-actor", type=float, help="default: 1 where the cluster has GPUs, else 0")
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
+    parser.add_argument("--retry-errors", action="store_true", help="audit again images whose row is an error")
+    parser.add_argument("--rows-per-file", type=int, default=2000, help="catalog rows buffered per Parquet file")
 
-    config = build_config(args)
-    config = _fit_measures(config, adapter_class(resolve_checkpoint(args.model)), explicit=_explicit_measures(args))
-    options = PipelineOptions(
+
+def pipeline_options(args):
+    """PipelineOptions from the flags of add_pipeline_args and _common."""
+    from memray.dist.pipeline import PipelineOptions
+
+    return PipelineOptions(
         actors=args.actors,
         batch_size=args.batch_size,
         gpus_per_actor=args.gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor,
         device=args.device,
-        precision=args.precision,
         allow_pickle=args.allow_pickle,
         retry_errors=args.retry_errors,
         rows_per_file=args.rows_per_file,
     )
+
+
+def cmd_audit(args) -> int:
+    """Audit every image of the sources on Ray (a local cluster is started on demand) into a catalog."""
+    from memray.dist.pipeline import run_audit
+    from memray.models import adapter_class
+    from memray.models.loading import resolve_checkpoint
+
+    config = build_config(args)
+    config = _fit_measures(config, adapter_class(resolve_checkpoint(args.model)), explicit=_explicit_measures(args))
+    options = pipeline_options(args)
     print(f"auditing {', '.join(args.sources)} with {args.model} into {args.catalog} (config {config.hash()})")
     summary = run_audit(args.sources, args.model, args.catalog, config, options)
     print(json.dumps(dataclasses.asdict(summary)))
@@ -383,12 +405,7 @@ def main(argv=None) -> int:
         "sources", nargs="+", help="folders, globs, image files, shards ({00000..00099}.tar), parquet, manifests"
     )
     p.add_argument("--catalog", required=True, help="catalog folder or URL (s3://bucket/memray-catalog)")
-    p.add_argument("--actors", type=int, default=1, help="auditor actors, each holding one model")
-    p.add_argument("--batch-size", type=int, default=4, help="images per actor batch")
-    p.add_argument("--gpus-per-actor", type=float, help="default: 1 where the cluster has GPUs, else 0")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0)
-    p.add_argument("--retry-errors", action="store_true", help="audit again images whose row is an error")
-    p.add_argument("--rows-per-file", type=int, default=2000, help="catalog rows buffered per Parquet file")
+    add_pipeline_args(p)
     _common(p)
     p.set_defaults(func=cmd_audit)
 

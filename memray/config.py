@@ -9,12 +9,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import tomllib
 
 from memray.measures.invmm import InvMMConfig
 from memray.measures.noise_inversion import NoiseInversionConfig
@@ -25,6 +24,7 @@ from memray.measures.z0_error import Z0ErrorConfig
 
 MEASURES = ("z0_error", "noise_inversion", "prompt_inversion", "wasserstein", "invmm", "wen", "hard_prompt")
 V1_CHAIN = ("z0_error", "noise_inversion", "prompt_inversion", "wasserstein")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 class ConfigError(ValueError):
@@ -71,6 +71,8 @@ class AuditConfig:
         "hard_prompt",
     )
     seed: int = 0
+    # Autocast on GPU: bf16/fp16 change the numbers, so precision is part of the config and its hash.
+    precision: str = "fp32"
     images: ImageConfig = field(default_factory=ImageConfig)
     similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
     z0_error: Z0ErrorConfig = field(default_factory=Z0ErrorConfig)
@@ -148,6 +150,8 @@ def validate(config: AuditConfig) -> None:
     unknown = sorted(set(config.measures) - set(MEASURES))
     if unknown:
         problems.append(f"measures: unknown {unknown}; known: {list(MEASURES)}")
+    if config.precision not in PRECISIONS:
+        problems.append(f"precision: {config.precision!r} is not one of {list(PRECISIONS)}")
     if "wasserstein" in config.measures and "prompt_inversion" not in config.measures:
         problems.append("measures: 'wasserstein' needs 'prompt_inversion' (it compares against the inverted prompt)")
     positive = {

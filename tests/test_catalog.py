@@ -23,6 +23,7 @@ from memray.catalog.store import (
     Catalog,
     CatalogQueryError,
     CatalogWriter,
+    CrashJournal,
     format_table,
     open_fs,
     write_parquet,
@@ -359,6 +360,28 @@ def test_memory_filesystem_round_trip():
     catalog = Catalog(url)
     assert catalog.query("SELECT image_id FROM latest ORDER BY 1").column("image_id").to_pylist() == ["a", "b"]
     assert catalog.completed_keys("fp-a", "cfg-1", include_errors=True) == {"a", "b", "c"}
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_crash_journal_counts_deaths_per_image_and_stays_out_of_the_views(tmp_path, where):
+    url = str(tmp_path / "cat") if where == "local" else f"memory://memray-journal-{time.time_ns()}/cat"
+    write(url, [row("a")])
+    journal = CrashJournal(url, "fp-a" * 8, "cfg-1")
+    assert journal.deaths("x/1.png") == 0 and journal.marked() == []
+    journal.mark("x/1.png", 0)  # the worker holding it dies here: the marker stays
+    journal.mark("x/2.png", 0)
+    journal.unmark("x/2.png")  # finished
+    assert journal.deaths("x/1.png") == 1 and journal.marked() == ["x/1.png"]
+    journal.mark("x/1.png", journal.deaths("x/1.png"))  # retried, dies again
+    again = CrashJournal(url, "fp-a" * 8, "cfg-1")  # another actor, another process
+    assert again.deaths("x/1.png") == 2
+    assert CrashJournal(url, "fp-a" * 8, "cfg-2").deaths("x/1.png") == 0  # other config: other images
+    assert CrashJournal(url, "fp-b" * 8, "cfg-1").marked() == []
+    again.unmark("x/1.png")
+    again.unmark("never-marked")
+    assert again.marked() == [] and again.deaths("x/1.png") == 0
+    journal.mark("y", 0)
+    assert Catalog(url).query("SELECT image_id FROM audits").column("image_id").to_pylist() == ["a"]
 
 
 def test_open_fs_uses_the_s3_endpoint_from_the_environment(monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -60,6 +61,7 @@ def test_preset_in_a_file_is_the_base_of_its_settings(tmp_path):
         ({"hard_prompt": {"top_k": 100, "tokens": 5}}, "exceed 100000"),
         ({"invmm": {"guidance_scales": []}}, "at least one scale"),
         ({"invmm": 3}, "expected a table"),
+        ({"precision": "int8"}, "precision: 'int8'"),
     ],
 )
 def test_invalid_configurations_fail_at_start_up_with_a_clear_message(data, message):
@@ -77,6 +79,7 @@ def test_hash_is_stable_and_sensitive_to_every_result_changing_setting():
         base.replace(similarity={"threshold": 0.8}),
         base.replace(verdict={"invmm_kl_max": 0.4}),
         base.replace(measures=["invmm"]),
+        base.replace(precision="bf16"),  # autocast changes the numbers: resume must not mix them
     ]
     hashes = {c.hash() for c in changed} | {base.hash()}
     assert len(hashes) == len(changed) + 1
@@ -87,3 +90,14 @@ def test_replace_merges_nested_sections():
     config = AuditConfig().replace(invmm={"steps": 10})
     assert config.invmm.steps == 10 and config.invmm.lr == 0.1
     assert json.loads(config.to_json())["invmm"]["steps"] == 10
+
+
+def test_the_precision_flag_sets_the_config_and_its_hash():
+    from memray.cli import _common, build_config
+
+    parser = argparse.ArgumentParser()
+    _common(parser)
+    default = build_config(parser.parse_args(["--model", "m"]))
+    bf16 = build_config(parser.parse_args(["--model", "m", "--precision", "bf16"]))
+    assert (default.precision, bf16.precision) == ("fp32", "bf16")
+    assert default.hash() != bf16.hash()

@@ -192,7 +192,7 @@ class CatalogWriter:
         for row in self._buffer:
             by_model.setdefault(_partition_slug(row.model), []).append(row)
         written: list[str] = []
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
         try:
             for slug in sorted(by_model):
                 rows = by_model[slug]

@@ -39,7 +39,6 @@ class PipelineOptions:
     gpus_per_actor: float | None = None  # None: 1 where the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0
     device: str | None = None
-    precision: str = "fp32"
     allow_pickle: bool = False
     retry_errors: bool = False  # audit again images whose last row is an error
     # An image whose worker died this often while auditing it becomes an error row (CrashJournal).
@@ -58,10 +57,10 @@ class Auditor:
     def __init__(self, model_ref: str, config_json: str, run_id: str, options: PipelineOptions, journal: CrashJournal):
         from memray.models import load_model
 
-        self.loaded = load_model(
-            model_ref, device=options.device, precision=options.precision, allow_pickle=options.allow_pickle
-        )
         self.config = from_dict(json.loads(config_json))
+        self.loaded = load_model(
+            model_ref, device=options.device, precision=self.config.precision, allow_pickle=options.allow_pickle
+        )
         self.run_id = run_id
         self.journal = journal
         self.max_worker_deaths = options.max_worker_deaths
