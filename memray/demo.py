@@ -26,12 +26,12 @@ def demo_model_dir(path: str | Path) -> Path:
     return path
 
 
-def write_demo_images(folder: str | Path) -> Path:
-    """Write the demo images as PNG files with a JSONL manifest (id, uri, caption); return the manifest."""
+def write_demo_images(folder: str | Path, count: int = 6) -> Path:
+    """Write `count` demo images as PNG files with a JSONL manifest (id, uri, caption); return the manifest."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
-    for item in demo_images():
+    for item in demo_images(count):
         (folder / f"{item['image_id']}.png").write_bytes(item["data"])
         lines.append(json.dumps({"id": item["image_id"], "uri": f"{item['image_id']}.png", "caption": item["caption"]}))
     manifest = folder / "manifest.jsonl"
