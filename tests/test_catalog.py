@@ -433,3 +433,12 @@ def test_root_with_quotes_spaces_and_glob_characters(tmp_path):
         catalog = Catalog(url)
         assert catalog.query("SELECT image_id FROM latest").column("image_id").to_pylist() == ["a"], url
         assert catalog.completed_keys("fp-a", "cfg-1") == {"a"}
+
+
+def test_binary_columns_print_as_their_size(tmp_path):
+    stored = row("a")
+    stored.replicas_png = b"\x89PNG" + bytes(96)
+    write(tmp_path, [stored])
+    table = Catalog(tmp_path).query("SELECT image_id, replicas_png FROM audits")
+    assert "<100 bytes>" in format_table(table) and "\\x89" not in format_table(table)
+    assert json.loads(format_table(table, "json"))[0]["replicas_png"].startswith("89504e47")

@@ -296,6 +296,9 @@ def assert_rows_match(a, b, *, exact=False):
                 [v for _, v in x], [v for _, v in y], rtol=0 if exact else 1e-4, atol=0 if exact else 1e-5
             )
             continue
+        if isinstance(x, list) and isinstance(y, list):  # the error quantiles
+            np.testing.assert_allclose(x, y, rtol=0 if exact else 1e-4, atol=0 if exact else 1e-5, err_msg=field.name)
+            continue
         if isinstance(x, float) and not isinstance(x, bool) and isinstance(y, float):
             if exact:
                 assert x == y, f"{field.name}: {x} != {y}"

@@ -22,7 +22,15 @@ import torch
 from memray.audit.verdict import decide
 from memray.catalog.schema import AuditRow
 from memray.config import AuditConfig, ConfigError
-from memray.data.images import ImageDecodeError, decode_image, read_bytes, sha256_hex, to_model_tensor
+from memray.data.images import (
+    ImageDecodeError,
+    decode_image,
+    image_row_png,
+    read_bytes,
+    sha256_hex,
+    strip_height,
+    to_model_tensor,
+)
 from memray.measures import rng
 from memray.measures.invmm import invmm
 from memray.measures.noise_inversion import invert_noise
@@ -36,6 +44,8 @@ from memray.measures.z0_error import z0_prediction_error
 log = logging.getLogger(__name__)
 
 CONDITIONAL_MEASURES = ("prompt_inversion", "wasserstein", "wen", "hard_prompt")
+# The catalog keeps these quantiles (0%, 1%, ..., 100%) of the M4 error samples, not the samples.
+ERROR_QUANTILE_LEVELS = np.linspace(0, 1, 101)
 
 
 @dataclass
@@ -88,8 +98,14 @@ def _image_input(item) -> ImageInput:
     return ImageInput(image_id=Path(path).name if "://" not in path else path.rsplit("/", 1)[-1], uri=path, source=path)
 
 
-def audit_batch(loaded, items, config: AuditConfig, *, run_id: str | None = None, progress=None) -> list[ImageAudit]:
-    """Audit a batch of images (paths, URLs or ImageInput) against a loaded model."""
+def audit_batch(
+    loaded, items, config: AuditConfig, *, run_id: str | None = None, progress=None, replicas: int = 4
+) -> list[ImageAudit]:
+    """Audit a batch of images (paths, URLs or ImageInput) against a loaded model.
+
+    Every image InvMM replicated also gets `replicas` samples from its inverted distribution,
+    drawn next to its target in `replicas_png` (0: none); their UNet work joins the row's cost.
+    """
     model = loaded.adapter
     check_compatible(config, model)
     run_id = run_id or uuid.uuid4().hex[:12]
@@ -119,6 +135,10 @@ def audit_batch(loaded, items, config: AuditConfig, *, run_id: str | None = None
             log.exception("audit of batch %s failed", [inputs[i].image_id for i in slots])
             chain.fail(list(chain.alive), f"batch failed: {type(exc).__name__}: {exc}")
     _finish_costs([a.row for a in audits], model, time.perf_counter() - started, slots)
+    if replicas:  # after the costs are read: replica_samples resets the evaluation counter
+        for a in audits:
+            if a.row.status == "ok" and a.row.invmm_replicated:
+                _render_replicas(loaded, a, config, replicas)
     return audits
 
 
@@ -160,6 +180,28 @@ def replica_samples(loaded, image_audit: ImageAudit, config: AuditConfig, count:
     return model.decode_latents(ddim_generate(model, z_T, cond, guidance, owner, steps))
 
 
+def _render_replicas(loaded, image_audit: ImageAudit, config: AuditConfig, count: int) -> None:
+    """The target and `count` replicas as the row's PNG strip; a failure leaves it NULL, not the row lost."""
+    model, row = loaded.adapter, image_audit.row
+    started = time.perf_counter()
+    model.counter.reset(1)
+    try:
+        samples = replica_samples(loaded, image_audit, config, count)
+        with torch.no_grad():
+            target = model.decode_latents(image_audit.z0.unsqueeze(0).to(model.device))[0]
+        row.replicas_png = image_row_png([target, *samples], height=strip_height(target.shape[-2]))
+    except Exception:
+        log.exception("could not render the replicas of %s; its row keeps no replicas_png", row.image_id)
+    finally:  # work done before a failure still counts
+        row.unet_forwards += int(model.counter.forwards.sum())
+        row.unet_backwards += int(model.counter.backwards.sum())
+        row.seconds += time.perf_counter() - started
+
+
+def _quantiles(samples: np.ndarray) -> list[float]:
+    return np.quantile(samples, ERROR_QUANTILE_LEVELS).tolist()
+
+
 def _identity_row(inp: ImageInput, loaded, config: AuditConfig, run_id: str) -> AuditRow:
     return AuditRow(
         image_id=inp.image_id,
@@ -171,7 +213,7 @@ def _identity_row(inp: ImageInput, loaded, config: AuditConfig, run_id: str) -> 
         config_hash=config.hash(),
         config=config.to_json(),
         run_id=run_id,
-        audited_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        audited_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         device=str(loaded.adapter.device),
         similarity_kind=config.similarity.kind,
     )
@@ -373,6 +415,8 @@ class _MeasureChain:
             row.wasserstein, row.wasserstein_shift_sd = _value(result.w1[k]), _value(result.shift_sd[k])
             row.err_uncond_mean, row.err_cond_mean = _value(result.err_uncond_mean[k]), _value(result.err_cond_mean[k])
             self.audits[s].err_uncond, self.audits[s].err_cond = result.err_uncond[k], result.err_cond[k]
+            row.err_uncond_quantiles = _quantiles(result.err_uncond[k])
+            row.err_cond_quantiles = _quantiles(result.err_cond[k])
         self.drop_nonfinite(slots, np.isfinite(result.w1), "the Wasserstein measure")
 
     def run_wen(self):

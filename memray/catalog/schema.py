@@ -41,12 +41,15 @@ class AuditRow:
     invmm_similarity: float | None = None
     invmm_guidance: float | None = None
     invmm_prompt: str | None = None
+    replicas_png: bytes | None = None  # one PNG strip: the target, then replicas from the InvMM distribution
     # M1-M4 (paper v1)
     z0_error: float | None = None
     wasserstein: float | None = None
     wasserstein_shift_sd: float | None = None
     err_uncond_mean: float | None = None
     err_cond_mean: float | None = None
+    err_uncond_quantiles: list[float] | None = None  # 0%, 1%, ..., 100% of the M4 error samples
+    err_cond_quantiles: list[float] | None = None
     soft_prompt_error: float | None = None
     soft_prompt_norm: float | None = None
     noise_ks_p: float | None = None  # regularised inversion with the empty prompt
@@ -80,12 +83,18 @@ class AuditRow:
         return dataclasses.asdict(self)
 
 
-_ARROW_TYPES = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_()}
+_ARROW_TYPES = {
+    "str": pa.string(),
+    "int": pa.int64(),
+    "float": pa.float64(),
+    "bool": pa.bool_(),
+    "bytes": pa.binary(),
+    "list[float]": pa.list_(pa.float64()),
+}
 
 
 def _arrow_type(annotation: str) -> pa.DataType:
-    base = annotation.split("|")[0].strip()
-    return _ARROW_TYPES[{"str": str, "int": int, "float": float, "bool": bool}[base]]
+    return _ARROW_TYPES[annotation.split("|")[0].strip()]
 
 
 ARROW_SCHEMA = pa.schema(

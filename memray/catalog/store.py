@@ -115,11 +115,16 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+def write_bytes(url, data: bytes) -> str:
+    """Write one file (local path or fsspec URL) in one step: readers see all of it or nothing."""
+    fs, target = open_fs(url)
+    _put_atomic(fs, target, data)
+    return target
+
+
 def write_parquet(table: pa.Table, path) -> str:
     """Write a query result as one Parquet file (local path or fsspec URL), atomically."""
-    fs, target = open_fs(path)
-    _put_atomic(fs, target, _parquet_bytes(table))
-    return target
+    return write_bytes(path, _parquet_bytes(table))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,6 +409,8 @@ def _json_value(value):
 def _text_value(value) -> str:
     if value is None:
         return "NULL"
+    if isinstance(value, bytes):  # replicas_png: a size, not a screenful of binary
+        return f"<{len(value)} bytes>"
     if isinstance(value, float):
         return f"{value:.6g}"
     return str(value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import struct
 
 import fsspec
@@ -165,3 +166,38 @@ def to_model_tensor(image: Image.Image, resolution: int, *, allow_upscale: bool 
     cropped = resized.crop((left, top, left + resolution, top + resolution))
     pixels = torch.from_numpy(np.array(cropped, dtype=np.float32))
     return pixels.permute(2, 0, 1).div(127.5).sub(1.0).contiguous()
+
+
+# -- encoding: tensors back to PNG (the catalog's replicas_png, figures) --
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8."""
+    return ((pixels.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+
+
+def strip_height(height: int, *, low: int = 64, high: int = 128) -> int:
+    """A tile height in [low, high]: small tiles grow by a whole factor (crisp pixels), large ones shrink."""
+    if height > high:
+        return high
+    return height * math.ceil(low / height)
+
+
+def _tile(pixels: torch.Tensor, height: int | None) -> Image.Image:
+    tile = Image.fromarray(to_uint8(pixels))
+    if height is None or height == tile.height:
+        return tile
+    width = max(1, round(tile.width * height / tile.height))
+    # NEAREST keeps a tiny model's pixels visible as blocks; LANCZOS shrinks without aliasing.
+    return tile.resize((width, height), Image.NEAREST if height > tile.height else Image.LANCZOS)
+
+
+def image_row_png(images: list[torch.Tensor], *, height: int | None = None) -> bytes:
+    """PNG bytes of images (3, H, W) in [-1, 1] side by side, each resized to `height`, 2-pixel white gaps."""
+    tiles = [np.asarray(_tile(img, height)) for img in images]
+    h = max(t.shape[0] for t in tiles)
+    gap = np.full((h, 2, 3), 255, dtype=np.uint8)
+    row = np.concatenate([part for t in tiles for part in (t, gap)][:-1], axis=1)
+    buffer = io.BytesIO()
+    Image.fromarray(row).save(buffer, "PNG")
+    return buffer.getvalue()
