@@ -1,4 +1,4 @@
-"""Command line: `memray audit | query | compare | inspect | demo | config`."""
+"""Command line: `memray audit | query | compare | report | inspect | demo | config`."""
 
 from __future__ import annotations
 
@@ -383,6 +383,17 @@ def cmd_compare(args) -> int:
     return 1 if comparison.violations else 0
 
 
+def cmd_report(args) -> int:
+    """Write the HTML report of a catalog."""
+    from memray.report.html import write_report
+
+    out = write_report(
+        args.catalog, args.out, base=args.base, new=args.model, top=args.top, policy=policy_from_args(args)
+    )
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     """Entry point of the `memray` command."""
     parser = argparse.ArgumentParser(
@@ -434,6 +445,15 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=_off_or(int), default=20, help="rows of the per-image table (default 20; off: all)")
     add_policy_args(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("report", help="a self-contained HTML report of a catalog")
+    p.add_argument("catalog")
+    p.add_argument("--out", default="report.html", help="HTML file to write: local path or URL (default report.html)")
+    p.add_argument("--model", help="model slug whose images are ranked and compared (default: the newest)")
+    p.add_argument("--base", help="model slug to compare with (default: the one audited before --model)")
+    p.add_argument("--top", type=int, default=10, help="most memorized images shown (default 10)")
+    add_policy_args(p)
+    p.set_defaults(func=cmd_report)
 
     args = parser.parse_args(argv)
     try:
