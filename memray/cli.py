@@ -325,43 +325,27 @@ def add_policy_args(parser: argparse.ArgumentParser) -> None:
     default = ComparePolicy()
     group = parser.add_argument_group("policy (exit code 1 when violated)", "Every limit and threshold takes `off`.")
     limit, threshold = _off_or(int), _off_or(float)
-    for kind, what in [
-        ("newly-memorized", "images whose verdict became memorized"),
-        ("newly-replicated", "images InvMM replicates under the new model but never did under the base"),
-        ("kl-regressions", "images whose InvMM KL fell beyond --kl-drop / --kl-drop-rel"),
-        ("shift-regressions", "images whose Wasserstein shift rose beyond --shift-rise"),
-    ]:
-        dest = "max_" + kind.replace("-", "_")
-        value = getattr(default, dest)
-        group.add_argument(f"--max-{kind}", type=limit, default=value, metavar="N", help=f"{what} (default: {value})")
-    group.add_argument(
-        "--max-missing",
-        type=limit,
-        default=default.max_missing,
-        metavar="N",
-        help="images audited ok under the base model but not under the new one (default: off)",
-    )
-    group.add_argument(
-        "--kl-drop",
-        type=threshold,
-        default=default.kl_drop,
-        metavar="X",
-        help="absolute fall of invmm_kl (default: off)",
-    )
-    group.add_argument(
-        "--kl-drop-rel",
-        type=threshold,
-        default=default.kl_drop_rel,
-        metavar="F",
-        help=f"fall of invmm_kl as a fraction of the base KL (default: {default.kl_drop_rel})",
-    )
-    group.add_argument(
-        "--shift-rise",
-        type=threshold,
-        default=default.shift_rise,
-        metavar="SD",
-        help="rise of wasserstein_shift_sd in sd (default: off)",
-    )
+    flags = [  # (field of ComparePolicy, type, metavar, what it bounds)
+        ("max_newly_memorized", limit, "N", "images whose verdict became memorized"),
+        (
+            "max_newly_replicated",
+            limit,
+            "N",
+            "images InvMM replicates under the new model but never did under the base",
+        ),
+        ("max_kl_regressions", limit, "N", "images whose InvMM KL fell beyond --kl-drop / --kl-drop-rel"),
+        ("max_shift_regressions", limit, "N", "images whose Wasserstein shift rose beyond --shift-rise"),
+        ("max_missing", limit, "N", "images audited ok under the base model but not under the new one"),
+        ("kl_drop", threshold, "X", "absolute fall of invmm_kl"),
+        ("kl_drop_rel", threshold, "F", "fall of invmm_kl as a fraction of the base KL"),
+        ("shift_rise", threshold, "SD", "rise of wasserstein_shift_sd in sd"),
+    ]
+    for field, kind, metavar, what in flags:
+        value = getattr(default, field)
+        shown = "off" if value is None else value
+        group.add_argument(
+            "--" + field.replace("_", "-"), type=kind, default=value, metavar=metavar, help=f"{what} (default: {shown})"
+        )
 
 
 def policy_from_args(args):
