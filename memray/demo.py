@@ -1,25 +1,207 @@
-"""The embedded default until the trained demo model ships: a tiny model built in code, a few images.
+"""The demo data: a deterministic generator of captioned scenes, and the embedded demo model and images.
 
-The tiny model is randomly initialised, so its verdicts exercise the chain end to end but say
-nothing about memorisation; the trained demo model with planted images replaces it.
+Scenes are coloured shapes (sizes, counts, positions, stripes) on plain, striped or checkered
+backgrounds, each fully determined by (seed, index). jobs/train_demo_model.py trains the shipped
+demo model on them, with a few planted images duplicated many times, so which images are
+memorized is known.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import random
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 from memray.models.tiny import build_tiny_sd
 
-SHAPES = ("circle", "square", "triangle")
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 70, 220),
+    "yellow": (235, 215, 40),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+    "orange": (245, 140, 20),
+    "purple": (140, 50, 180),
+}
+SHAPES = ("circle", "square", "triangle", "diamond", "ring")
+SIZES = {"small": (0.10, 0.15), "large": (0.20, 0.28)}  # radius as a fraction of the image side
+COUNTS = ("one", "two", "three")
+PATTERNS = ("plain", "striped", "checkered")
+# A single object is placed in a named region (centre x, y as fractions); groups go anywhere.
+REGIONS = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "bottom": (0.5, 0.72), "middle": (0.5, 0.5)}
+SUPERSAMPLE = 4  # draw at 4x and downsample, so small shapes get smooth edges
+DEMO_ASSETS = Path(__file__).parent / "demo_assets"
+
+# Every word a caption can use, for the demo model's word-level tokenizer.
+CAPTION_WORDS = sorted(
+    {"a", "an", "and", "on", "the", "at", "in", "background"}
+    | set(COLOURS)
+    | set(SHAPES)
+    | {shape + "s" for shape in SHAPES}
+    | set(SIZES)
+    | set(COUNTS)
+    | set(PATTERNS)
+    | set(REGIONS)
+)
+
+
+@dataclass(frozen=True)
+class Group:
+    """`count` identical objects: a shape of one size, colour and fill pattern."""
+
+    count: int
+    shape: str
+    size: str
+    colour: str
+    stripe: str | None  # second colour of a striped fill, None for a plain fill
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Everything needed to draw one image and caption it."""
+
+    background: str
+    pattern: str
+    background2: str | None
+    groups: tuple[Group, ...]
+    region: str | None
+    placement_seed: int
+
+
+def random_scene(rng: random.Random) -> Scene:
+    """Draw a scene: 1-2 groups of 1-3 objects on a plain, striped or checkered background."""
+    colours = list(COLOURS)
+    background = rng.choice(colours)
+    pattern = rng.choice(("plain", "plain", "striped", "checkered"))
+    background2 = rng.choice([c for c in colours if c != background]) if pattern != "plain" else None
+    groups: list[Group] = []
+    for _ in range(rng.choice((1, 1, 2))):
+        # A second group differs in colour from the first, so the caption never names one group twice.
+        colour = rng.choice([c for c in colours if c not in (background, background2, *(g.colour for g in groups))])
+        stripe = rng.choice([c for c in colours if c != colour]) if rng.random() < 0.3 else None
+        groups.append(Group(rng.choice((1, 1, 2, 3)), rng.choice(SHAPES), rng.choice(list(SIZES)), colour, stripe))
+    single = len(groups) == 1 and groups[0].count == 1
+    region = rng.choice(list(REGIONS)) if single else None
+    return Scene(background, pattern, background2, tuple(groups), region, rng.getrandbits(32))
+
+
+def scene_caption(scene: Scene) -> str:
+    """Describe the scene in words from CAPTION_WORDS."""
+    parts = []
+    for group in scene.groups:
+        count = "a" if group.count == 1 else COUNTS[group.count - 1]
+        fill = f"{group.colour} and {group.stripe} striped" if group.stripe else group.colour
+        noun = group.shape + ("s" if group.count > 1 else "")
+        parts.append(f"{count} {group.size} {fill} {noun}")
+    text = " and ".join(parts)
+    if scene.region:
+        text += f" at the {scene.region}"
+    if scene.pattern == "plain":
+        return f"{text} on {_article(scene.background)} {scene.background} background"
+    return (
+        f"{text} on {_article(scene.background)} {scene.background} and {scene.background2} {scene.pattern} background"
+    )
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def render_scene(scene: Scene, size: int = 32) -> Image.Image:
+    """Draw the scene as an RGB image of `size` x `size` pixels."""
+    side = size * SUPERSAMPLE
+    image = _texture(side, scene.background, scene.background2, scene.pattern)
+    rng = random.Random(scene.placement_seed)
+    placed: list[tuple[float, float, float]] = []
+    for group in scene.groups:
+        for _ in range(group.count):
+            radius = rng.uniform(*SIZES[group.size]) * side
+            x, y = _place(rng, radius, side, scene.region, placed)
+            placed.append((x, y, radius))
+            mask = Image.new("L", (side, side), 0)
+            _draw_shape(ImageDraw.Draw(mask), group.shape, x, y, radius)
+            fill = _texture(side, group.colour, group.stripe, "striped" if group.stripe else "plain", diagonal=True)
+            image.paste(fill, (0, 0), mask)
+    return image.resize((size, size), Image.Resampling.BOX)
+
+
+def _texture(side: int, colour: str, colour2: str | None, pattern: str, diagonal: bool = False) -> Image.Image:
+    image = Image.new("RGB", (side, side), COLOURS[colour])
+    if pattern == "plain":
+        return image
+    draw = ImageDraw.Draw(image)
+    period = side // 8  # 4-pixel stripes at 32x32: coarse enough for a factor-4 VAE to keep
+    for i in range(-side, 2 * side, period):
+        if pattern == "striped" and diagonal:
+            draw.polygon(
+                [(i, 0), (i + period // 2, 0), (i + period // 2 - side, side), (i - side, side)], COLOURS[colour2]
+            )
+        elif pattern == "striped":
+            draw.rectangle((0, i, side, i + period // 2 - 1), COLOURS[colour2])
+        else:
+            for j in range(0, side, period):
+                if (i // period + j // period) % 2:
+                    draw.rectangle((i, j, i + period - 1, j + period - 1), COLOURS[colour2])
+    return image
+
+
+def _place(rng: random.Random, radius: float, side: int, region: str | None, placed) -> tuple[float, float]:
+    if region:
+        cx, cy = REGIONS[region]
+        jitter = 0.06 * side
+        return cx * side + rng.uniform(-jitter, jitter), cy * side + rng.uniform(-jitter, jitter)
+    # Rejection sampling keeps objects of a group apart so the count stays visible; give up after 30 tries.
+    for _ in range(30):
+        x, y = rng.uniform(radius, side - radius), rng.uniform(radius, side - radius)
+        if all((x - px) ** 2 + (y - py) ** 2 > (0.9 * (radius + pr)) ** 2 for px, py, pr in placed):
+            break
+    return x, y
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, x: float, y: float, r: float) -> None:
+    if shape == "circle":
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=255)
+    elif shape == "ring":
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=255)
+        draw.ellipse((x - r / 2, y - r / 2, x + r / 2, y + r / 2), fill=0)
+    elif shape == "square":
+        s = 0.85 * r
+        draw.rectangle((x - s, y - s, x + s, y + s), fill=255)
+    elif shape == "triangle":
+        draw.polygon([(x, y - r), (x - r, y + 0.8 * r), (x + r, y + 0.8 * r)], fill=255)
+    else:
+        draw.polygon([(x, y - r), (x + r, y), (x, y + r), (x - r, y)], fill=255)
+
+
+def generated_scene(seed: int, stream: str, index: int) -> Scene:
+    """The scene at `index` of the named stream ("normal", "heldout", "planted") for `seed`."""
+    return random_scene(random.Random(f"memray-demo/{seed}/{stream}/{index}"))
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """Encode an image as PNG."""
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def trained_demo_model() -> Path:
+    """The shipped demo model with planted memorization (diffusers layout)."""
+    return DEMO_ASSETS / "model"
+
+
+def trained_demo_manifest() -> Path:
+    """The shipped demo image set's manifest.jsonl (id, uri, caption, split, duplicates)."""
+    return DEMO_ASSETS / "images" / "manifest.jsonl"
 
 
 def demo_model_dir(path: str | Path) -> Path:
-    """Build the tiny demo checkpoint at `path` unless it is there already."""
+    """Build the tiny random-weight checkpoint at `path` unless it is there (the trained one: trained_demo_model())."""
     path = Path(path)
     if not (path / "model_index.json").exists():
         build_tiny_sd(path)
@@ -39,36 +221,16 @@ def write_demo_images(folder: str | Path, count: int = 6) -> Path:
     return manifest
 
 
-def shape_image(shape: str, colour: str, background: str, size: int = 64) -> bytes:
-    """A PNG of one coloured shape on a plain background."""
-    image = Image.new("RGB", (size, size), COLOURS[background])
-    draw = ImageDraw.Draw(image)
-    box = (size // 4, size // 4, 3 * size // 4, 3 * size // 4)
-    if shape == "circle":
-        draw.ellipse(box, fill=COLOURS[colour])
-    elif shape == "square":
-        draw.rectangle(box, fill=COLOURS[colour])
-    else:
-        draw.polygon(
-            [(size // 2, size // 4), (size // 4, 3 * size // 4), (3 * size // 4, 3 * size // 4)], fill=COLOURS[colour]
-        )
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 def demo_images(count: int = 6) -> list[dict]:
-    """`count` captioned shape images as ImageInput keyword dicts."""
-    colours = list(COLOURS)
+    """`count` captioned held-out scenes (seed 0) as ImageInput keyword dicts."""
     items = []
     for i in range(count):
-        shape, colour, background = SHAPES[i % 3], colours[i % 4], colours[(i + 1) % 4]
-        caption = f"a {colour} {shape} on a {background} background"
+        scene = generated_scene(0, "heldout", i)
         items.append(
             dict(
                 image_id=f"demo-{i:02d}",
-                data=shape_image(shape, colour, background),
-                caption=caption,
+                data=png_bytes(render_scene(scene, 64)),
+                caption=scene_caption(scene),
                 source="memray.demo",
             )
         )
