@@ -147,13 +147,14 @@ def test_count_limits(catalog, policy, violations):
     assert len(compare_models(catalog, BASE, NEW, policy).violations) == violations
 
 
-def test_previous_model_is_the_other_model_audited_last(tmp_path):
+def test_previous_model_is_the_one_audited_before(tmp_path):
     catalog = write_catalog(
         tmp_path / "catalog",
         [row("a", "old", at="2026-10-01"), row("a", "older", at="2026-09-01"), row("a", "now", at="2026-11-01")],
     )
     assert previous_model(catalog, "now") == "old"
-    assert previous_model(catalog, "old") == "now"
+    assert previous_model(catalog, "old") == "older"  # not "now", audited after it
+    assert previous_model(catalog, "older") is None
     assert previous_model(write_catalog(tmp_path / "one", [row("a", "now")]), "now") is None
     assert previous_model(Catalog(tmp_path / "empty"), "now") is None
 

@@ -113,9 +113,12 @@ ORDER BY image_id
 """
 _MODELS_SQL = "SELECT DISTINCT model FROM latest ORDER BY model"
 # The model whose newest ok row is newest; ties broken by name so the answer is stable.
+# The model whose newest ok row comes last before the newest ok row of $current: the checkpoint
+# audited before it (an ad-hoc audit of an older checkpoint afterwards does not become the base).
 _PREVIOUS_SQL = """
-SELECT model FROM latest WHERE model <> $current
-GROUP BY model ORDER BY max(audited_at) DESC NULLS LAST, model DESC LIMIT 1
+WITH newest AS (SELECT model, max(audited_at) AS newest_at FROM latest GROUP BY model)
+SELECT model FROM newest WHERE newest_at < (SELECT newest_at FROM newest WHERE model = $current)
+ORDER BY newest_at DESC, model DESC LIMIT 1
 """
 
 
@@ -259,7 +262,7 @@ def compare_models(catalog: Catalog, base: str, new: str, policy: ComparePolicy 
 
 
 def previous_model(catalog: Catalog, current: str) -> str | None:
-    """The model slug other than `current` audited most recently (newest ok audited_at); None if none."""
+    """The model audited before `current` (by newest ok audited_at); None if there is none."""
     con = catalog.connect()
     try:
         found = con.sql(_PREVIOUS_SQL, params={"current": current}).fetchall()

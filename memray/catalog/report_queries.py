@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from memray.catalog.compare import previous_model
 from memray.catalog.store import Catalog
 
 # Most memorized first: replicated by InvMM with the lowest KL, then the largest Wasserstein shift.
@@ -57,12 +58,6 @@ ORDER BY audited_at DESC NULLS LAST, model, image_id
 """
 _SCORES_SQL = "SELECT model, invmm_kl, wasserstein_shift_sd FROM latest WHERE invmm_kl IS NOT NULL OR wasserstein_shift_sd IS NOT NULL"
 _NEWEST_SQL = "SELECT model FROM audits GROUP BY model ORDER BY max(audited_at) DESC NULLS LAST, model DESC LIMIT 1"
-# The model whose newest ok row comes last before the newest ok row of $model: the previous checkpoint.
-_PREVIOUS_SQL = """
-WITH newest AS (SELECT model, max(audited_at) AS newest_at FROM latest GROUP BY model)
-SELECT model FROM newest WHERE newest_at < (SELECT newest_at FROM newest WHERE model = $model)
-ORDER BY newest_at DESC, model DESC LIMIT 1
-"""
 _TOP_SQL = f"""
 SELECT image_id, caption, verdict, verdict_rule, invmm_kl, invmm_replicated, invmm_similarity, invmm_guidance,
     invmm_prompt, wasserstein_shift_sd, similarity_kind, replicas_png
@@ -121,14 +116,13 @@ def report_data(catalog: Catalog, *, model: str | None = None, top: int = 10) ->
             newest = con.sql(_NEWEST_SQL).fetchall()
             model = newest[0][0] if newest else None
         quantiles = _records(con, _ERROR_QUANTILES_SQL, model=model)
-        previous = _records(con, _PREVIOUS_SQL, model=model)
         return ReportData(
             models=models,
             runs=_records(con, _RUNS_SQL),
             errors=_records(con, _ERRORS_SQL),
             scores=_scores(con, models),
             model=model,
-            previous=previous[0]["model"] if previous else None,
+            previous=previous_model(catalog, model) if model else None,
             top=_records(con, _TOP_SQL, model=model, top=top),
             error_quantiles=quantiles[0] if quantiles else None,
         )
