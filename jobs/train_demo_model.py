@@ -82,6 +82,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=4e-4)
     parser.add_argument("--resolution", type=int, default=32, help="image side; latents are a quarter of it")
     parser.add_argument("--check-samples", type=int, default=4, help="samples per demo image in the replication check")
+    parser.add_argument(
+        "--init-from",
+        help="fine-tune this demo checkpoint (its VAE stays frozen and untrained, its tokenizer is kept): "
+        "a later checkpoint of the same model, e.g. with more images planted through --extra-planted",
+    )
     parser.add_argument("--smoke", action="store_true", help="a tiny configuration that runs in about a minute")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -190,6 +195,21 @@ def build_models(resolution: int, vocab_size: int, tokenizer):
         norm_num_groups=16,
     )
     return vae, text_encoder, unet
+
+
+def load_models(path: Path, trained: list[Item]):
+    """(tokenizer, vae, text_encoder, unet) of a saved demo checkpoint, to fine-tune; its tokenizer must cover every caption."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+    unknown = sorted({w for w in CAPTION_WORDS + _extra_words(trained) if w + "</w>" not in tokenizer.get_vocab()})
+    if unknown:
+        raise SystemExit(f"--init-from {path}: its tokenizer lacks the caption words {unknown}")
+    vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True)
+    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)
+    unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True)
+    return tokenizer, vae, text_encoder, unet
 
 
 def train_vae(vae, pixels: torch.Tensor, args, log: dict) -> None:
@@ -361,24 +381,30 @@ def main(argv=None) -> dict:
             json.dumps(dict(id=i.id, split=i.split, caption=i.caption, duplicates=i.duplicates)) + "\n" for i in trained
         )
     )
-    tokenizer = build_tiny_clip_tokenizer(CAPTION_WORDS + _extra_words(trained))
-    tokenizer.model_max_length = MAX_LENGTH
-    vae, text_encoder, unet = (m.to(args.device) for m in build_models(args.resolution, len(tokenizer), tokenizer))
+    if args.init_from:
+        tokenizer, vae, text_encoder, unet = load_models(Path(args.init_from), trained)
+    else:
+        tokenizer = build_tiny_clip_tokenizer(CAPTION_WORDS + _extra_words(trained))
+        tokenizer.model_max_length = MAX_LENGTH
+        vae, text_encoder, unet = build_models(args.resolution, len(tokenizer), tokenizer)
+    vae, text_encoder, unet = (m.to(args.device) for m in (vae, text_encoder, unet))
     log["parameters"] = {
         name: sum(p.numel() for p in m.parameters())
         for name, m in [("vae", vae), ("text_encoder", text_encoder), ("unet", unet)]
     }
 
     pixels = to_tensor([item.image for item in trained])
-    train_vae(vae, pixels, args, log)
+    if not args.init_from:
+        train_vae(vae, pixels, args, log)
     heldout = [item for item in items if item.split == "heldout"]
     log["vae_recon_mse"] = {}
     for name, group in (("trained", pixels), ("heldout", to_tensor([i.image for i in heldout]))):
         recon = encode(vae, group, args.device)[1]
         log["vae_recon_mse"][name] = round(F.mse_loss((recon + 1) / 2, (group + 1) / 2).item(), 6)  # on [0, 1]
     latents = encode(vae, pixels, args.device)[0]
-    # SD's convention: scale latents to unit variance, so the noise schedule fits them.
-    scaling = 1 / latents.std().item()
+    # SD's convention: scale latents to unit variance, so the noise schedule fits them (a fine-tune
+    # keeps the scale its UNet was trained with).
+    scaling = vae.config.scaling_factor if args.init_from else 1 / latents.std().item()
     vae.register_to_config(scaling_factor=scaling)
     log["vae_scaling_factor"] = scaling
     log["vae_seconds"] = round(time.time() - log["_start"], 1)

@@ -103,3 +103,40 @@ def test_the_dataset_and_its_order_are_deterministic_for_a_seed(script, tmp_path
     assert len(order) == sum(item.duplicates for item in trained)
     other = script.build_dataset(script.parse_args(["--smoke", "--out", str(tmp_path), "--seed", "1"]))
     assert [i.caption for i in other] != [i.caption for i in first]
+
+
+@pytest.mark.slow
+def test_a_fine_tune_keeps_the_vae_and_tokenizer_and_plants_more_images(script, run, tmp_path):
+    from safetensors.torch import load_file
+
+    out, _ = run
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(extra / "red.png")
+    (extra / "red.txt").write_text("a large red circle on a blue background")
+    tuned = tmp_path / "tuned"
+    common = ["--smoke", "--init-from", str(out / "model"), "--extra-planted", str(extra), "--check-samples", "0"]
+    script.main([*common, "--out", str(tuned), "--steps", "2"])
+
+    def weights(model, part):
+        return load_file(next((model / part).glob("*.safetensors")))
+
+    before, after = weights(out / "model", "vae"), weights(tuned / "model", "vae")
+    assert all((before[k] == after[k]).all() for k in before)  # no VAE phase: latents keep their meaning
+    assert any(
+        (a != b).any()
+        for a, b in zip(weights(out / "model", "unet").values(), weights(tuned / "model", "unet").values())
+    )
+    assert (tuned / "model" / "tokenizer" / "tokenizer.json").read_text() == (
+        out / "model" / "tokenizer" / "tokenizer.json"
+    ).read_text()
+    assert {
+        "id": "extra-red",
+        "split": "planted",
+        "caption": "a large red circle on a blue background",
+        "duplicates": 4,
+    } in _jsonl(tuned / "train_index.jsonl")
+
+    (extra / "red.txt").write_text("a large red zeppelin")  # a word the checkpoint's tokenizer never saw
+    with pytest.raises(SystemExit, match="zeppelin"):
+        script.main([*common, "--out", str(tmp_path / "refused")])
