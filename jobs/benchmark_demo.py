@@ -56,6 +56,22 @@ BUDGETS = {
         noise_inversion={"steps": 300, "regularized_steps": 300, "ks_samples": 200},
         wen={"generations": 4},
     ),  # fmt: skip
+    "cpu": dict(  # what a 2-core CPU audits 36 images with in about half an hour
+        invmm={
+            "steps": 150,
+            "samples_per_step": 8,
+            "check_every": 50,
+            "check_noises": 4,
+            "sampling_steps": 20,
+            "loss_window": 50,
+            "guidance_scales": [1.0, 3.0, 5.0, 7.0],
+        },
+        prompt_inversion={"steps": 100, "samples_per_step": 8},
+        wasserstein={"noises": 64, "timesteps": 10},
+        z0_error={"timesteps": 50, "noises": 16},
+        noise_inversion={"steps": 100, "regularized_steps": 100, "samples_per_step": 8, "ks_samples": 200},
+        wen={"generations": 4},
+    ),
     "reference": {},
     "smoke": dict(
         invmm={
@@ -184,6 +200,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    if not Path(args.manifest).exists():
+        raise SystemExit(
+            f"no demo set at {args.manifest}: train the demo model first "
+            "(python jobs/train_demo_model.py --out memray/demo_assets), or pass --model and --manifest"
+        )
     loaded = load_model(args.model, device=args.device)
     records = load_demo_set(Path(args.manifest))
     base = AuditConfig().replace(**BUDGETS[args.budget])
