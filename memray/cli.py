@@ -262,18 +262,6 @@ def cmd_query(args) -> int:
     return 0
 
 
-def write_rows(rows, out: str) -> None:
-    """Write rows as one Parquet file with the catalog schema (DuckDB: SELECT * FROM 'file')."""
-    import pyarrow.parquet as pq
-
-    from memray.catalog.schema import rows_to_table
-
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(rows_to_table(rows), path)
-    print(f"wrote {len(rows)} rows to {path}", file=sys.stderr)
-
-
 def cmd_demo(args) -> int:
     """The main job on the embedded default: demo images through the Ray pipeline into a catalog."""
     from memray.catalog.schema import AuditRow
