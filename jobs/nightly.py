@@ -116,7 +116,7 @@ def nightly(args, audit_argv: list[str]) -> int:
     comparison: Comparison | None = None
     if base is not None:
         comparison = compare_models(catalog, base, model, policy_from_args(args))
-    report = write_report(args.catalog, args.report, base=base, new=model, policy=policy_from_args(args))
+    report = write_report(args.catalog, args.report, base=base, new=model, comparison=comparison)
     # An audit that left images without a row cannot clear a release, whatever the comparison says.
     passed = not summary.unfinished and (comparison is None or not comparison.violations)
     out = args.summary or f"{os.path.splitext(args.report)[0]}.json"  # a URL too: no Path

@@ -333,9 +333,19 @@ def _comparison(catalog: Catalog, data: ReportData, base: str | None, policy) ->
 
 
 def render_report(
-    catalog_url, *, models=None, base=None, new=None, top: int = 10, policy: ComparePolicy | None = None
+    catalog_url,
+    *,
+    models=None,
+    base=None,
+    new=None,
+    top: int = 10,
+    policy: ComparePolicy | None = None,
+    comparison: Comparison | None = None,
 ) -> str:
-    """The report as one HTML page: `new` (default: the newest model) ranked and compared; `models` limits the tables."""
+    """The report as one HTML page: `new` (default: the newest model) ranked and compared; `models` limits the tables.
+
+    A caller that has compared base and new already (the nightly job) passes its `comparison`.
+    """
     catalog = Catalog(catalog_url)
     data = report_data(catalog, model=new, top=top)
     known = [m["model"] for m in data.models]
@@ -345,7 +355,9 @@ def render_report(
             f"model(s) {', '.join(map(repr, unknown))} not in catalog {catalog.url}; models: {', '.join(known) or 'none'}"
         )
     shown = [m for m in data.models if models is None or m["model"] in models]
-    comparison, why_not = _comparison(catalog, data, base, policy or ComparePolicy())
+    why_not = ""
+    if comparison is None:
+        comparison, why_not = _comparison(catalog, data, base, policy or ComparePolicy())
     stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     nav = "".join(
         f'<a href="#{anchor}">{label}</a>'
@@ -375,9 +387,17 @@ def render_report(
 
 
 def write_report(
-    catalog_url, out_path, *, models=None, base=None, new=None, top: int = 10, policy: ComparePolicy | None = None
+    catalog_url,
+    out_path,
+    *,
+    models=None,
+    base=None,
+    new=None,
+    top: int = 10,
+    policy: ComparePolicy | None = None,
+    comparison: Comparison | None = None,
 ) -> str:
     """Write the HTML report of the catalog to a local path or fsspec URL; returns it as given."""
-    page = render_report(catalog_url, models=models, base=base, new=new, top=top, policy=policy)
+    page = render_report(catalog_url, models=models, base=base, new=new, top=top, policy=policy, comparison=comparison)
     write_bytes(out_path, page.encode("utf-8"))
     return os.fspath(out_path)
