@@ -153,7 +153,9 @@ def _texture(side: int, colour: str, colour2: str | None, pattern: str, diagonal
 def _place(rng: random.Random, radius: float, side: int, region: str | None, placed) -> tuple[float, float]:
     if region:
         cx, cy = REGIONS[region]
-        jitter = 0.06 * side
+        # Wide enough that the caption leaves the position open: a model that only learned the
+        # caption cannot place the object where a memorized copy has it.
+        jitter = 0.10 * side
         return cx * side + rng.uniform(-jitter, jitter), cy * side + rng.uniform(-jitter, jitter)
     # Rejection sampling keeps objects of a group apart so the count stays visible; give up after 30 tries.
     for _ in range(30):
@@ -200,8 +202,54 @@ def trained_demo_manifest() -> Path:
     return DEMO_ASSETS / "images" / "manifest.jsonl"
 
 
+def demo_audit_config() -> Path:
+    """The audit configuration `memray demo` runs the shipped model with (a TOML file)."""
+    return DEMO_ASSETS / "audit.toml"
+
+
+def read_demo_manifest(manifest: str | Path) -> list[dict]:
+    """The records (id, uri, caption, split, duplicates) of a demo set manifest, in file order."""
+    manifest = Path(manifest)
+    if not manifest.exists():
+        raise FileNotFoundError(
+            f"no demo set at {manifest}: train the demo model first "
+            "(python jobs/train_demo_model.py --out memray/demo_assets)"
+        )
+    return [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+
+
+def demo_group(record: dict) -> str:
+    """What the training did with a demo image: "planted x64", "normal" (seen once per epoch) or "held-out"."""
+    if record["split"] == "planted":
+        return f"planted x{record['duplicates']}"
+    return "held-out" if record["split"] == "heldout" else record["split"]
+
+
+def write_demo_sample(folder: str | Path, per_group: int | None) -> tuple[Path, dict[str, str]]:
+    """Copy the first `per_group` images of every demo group (all if None) to `folder` with a manifest.
+
+    Returns the manifest and each copied image's group, the ground truth to print next to verdicts.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    source = trained_demo_manifest()
+    taken: dict[str, int] = {}
+    lines, groups = [], {}
+    for record in read_demo_manifest(source):
+        group = demo_group(record)
+        taken[group] = taken.get(group, 0) + 1
+        if per_group is not None and taken[group] > per_group:
+            continue
+        (folder / record["uri"]).write_bytes((source.parent / record["uri"]).read_bytes())
+        lines.append(json.dumps({"id": record["id"], "uri": record["uri"], "caption": record["caption"]}))
+        groups[record["id"]] = group
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest, groups
+
+
 def demo_model_dir(path: str | Path) -> Path:
-    """Build the tiny random-weight checkpoint at `path` unless it is there (the trained one: trained_demo_model())."""
+    """Build the tiny random-weight checkpoint at `path` unless it is there (a fast fixture; the demo model is trained_demo_model())."""
     path = Path(path)
     if not (path / "model_index.json").exists():
         build_tiny_sd(path)

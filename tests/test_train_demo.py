@@ -140,3 +140,13 @@ def test_a_fine_tune_keeps_the_vae_and_tokenizer_and_plants_more_images(script, 
     (extra / "red.txt").write_text("a large red zeppelin")  # a word the checkpoint's tokenizer never saw
     with pytest.raises(SystemExit, match="zeppelin"):
         script.main([*common, "--out", str(tmp_path / "refused")])
+
+
+@pytest.mark.slow
+def test_the_replication_check_reruns_on_a_trained_model_and_scores_every_demo_image(script, run):
+    out, _ = run
+    log = script.main(["--check-only", "--out", str(out), "--check-samples", "2"])
+    per_image = log["replication"]["per_image"]
+    assert set(per_image) == {row["id"] for row in _jsonl(out / "images" / "manifest.jsonl")}
+    assert all(row["worst"] <= row["best"] <= 1 for row in per_image.values())
+    assert json.loads((out / "train_log.json").read_text())["replication"] == log["replication"]

@@ -57,12 +57,17 @@ class TiledL2Similarity:
     kind: str = "tiled_l2"
 
     def __call__(self, model, generated_z0, target_z0):
-        diff = (model.decode_latents(generated_z0) - model.decode_latents(target_z0)) / 2
-        n, c, h, w = diff.shape
-        th, tw = h // self.tiles, w // self.tiles
-        tiles = diff[:, :, : th * self.tiles, : tw * self.tiles].reshape(n, c, self.tiles, th, self.tiles, tw)
-        rms = tiles.square().mean(dim=(1, 3, 5)).sqrt()
-        return 1 - rms.flatten(1).amax(1)
+        return tiled_l2_similarity(model.decode_latents(generated_z0), model.decode_latents(target_z0), self.tiles)
+
+
+def tiled_l2_similarity(generated: torch.Tensor, target: torch.Tensor, tiles: int = 4) -> torch.Tensor:
+    """1 - the largest per-tile RMS difference of two image batches in [-1, 1] (N, C, H, W), on a [0, 1] scale."""
+    diff = (generated - target) / 2
+    n, c, h, w = diff.shape
+    th, tw = h // tiles, w // tiles
+    parts = diff[:, :, : th * tiles, : tw * tiles].reshape(n, c, tiles, th, tiles, tw)
+    rms = parts.square().mean(dim=(1, 3, 5)).sqrt()
+    return 1 - rms.flatten(1).amax(1)
 
 
 @dataclass
