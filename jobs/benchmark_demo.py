@@ -32,7 +32,7 @@ from scipy import stats
 
 from memray.audit.runner import ImageInput, audit_batch
 from memray.config import AuditConfig
-from memray.demo import trained_demo_manifest, trained_demo_model
+from memray.demo import read_demo_manifest, trained_demo_manifest, trained_demo_model
 from memray.measures import rng
 from memray.measures.noise_inversion import invert_noise
 from memray.measures.replication import replication_check
@@ -102,7 +102,7 @@ MEASURES = {
 
 def load_demo_set(manifest: Path) -> list[dict]:
     """The manifest's records (id, uri, caption, split, duplicates) with their image bytes."""
-    records = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    records = read_demo_manifest(manifest)
     for record in records:
         record["data"] = (manifest.parent / record["uri"]).read_bytes()
     return records
@@ -200,13 +200,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    if not Path(args.manifest).exists():
-        raise SystemExit(
-            f"no demo set at {args.manifest}: train the demo model first "
-            "(python jobs/train_demo_model.py --out memray/demo_assets), or pass --model and --manifest"
-        )
+    try:
+        records = load_demo_set(Path(args.manifest))
+    except FileNotFoundError as error:
+        raise SystemExit(f"{error}, or pass --model and --manifest") from None
     loaded = load_model(args.model, device=args.device)
-    records = load_demo_set(Path(args.manifest))
     base = AuditConfig().replace(**BUDGETS[args.budget])
     splits = {s: sum(r["split"] == s for r in records) for s in ("planted", "normal", "heldout")}
     print(f"demo set {args.manifest}: {splits}; positives: planted with >= {args.positive_min} copies")

@@ -166,8 +166,8 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def print_ranked(rows, stream=None) -> None:
-    """Rows ranked most memorised first: replicated by InvMM KL, then by Wasserstein shift."""
+def print_ranked(rows, stream=None, truth: dict[str, str] | None = None) -> None:
+    """Rows ranked most memorised first: replicated by InvMM KL, then by Wasserstein shift; `truth` adds a column."""
     stream = stream or sys.stdout
 
     def rank(row):
@@ -191,8 +191,10 @@ def print_ranked(rows, stream=None) -> None:
             _fmt(getattr(row, c)) if row.status == "ok" or c == "image_id" else (row.error if c == "verdict" else "")
             for c in columns
         ]
+        + ([truth.get(row.image_id, "-")] if truth else [])
         for row in sorted(rows, key=rank)
     ]
+    columns += ["truth"] if truth else []
     widths = [max(len(c), *(len(r[i]) for r in table)) if table else len(c) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)), file=stream)
     for r in table:
@@ -263,21 +265,22 @@ def cmd_query(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The main job on the embedded default: demo images through the Ray pipeline into a catalog."""
+    """The main job on the embedded default: the demo model with planted memorization, on its demo images."""
     from memray.catalog.schema import AuditRow
     from memray.catalog.store import Catalog
-    from memray.demo import demo_model_dir, write_demo_images
+    from memray.demo import demo_audit_config, trained_demo_model, write_demo_sample
     from memray.dist.pipeline import PipelineOptions, run_audit
 
     out = Path(args.out)
-    model = demo_model_dir(out / "demo-model")
-    manifest = write_demo_images(out / "demo-images")
+    manifest, groups = write_demo_sample(out / "demo-images", None if args.all else args.per_group)
+    config = load_config(args.config or demo_audit_config())
     catalog = str(out / "catalog")
-    summary = run_audit([str(manifest)], str(model), catalog, PRESETS["quick"](), PipelineOptions(cpus_per_actor=1))
+    summary = run_audit([str(manifest)], str(trained_demo_model()), catalog, config, PipelineOptions(cpus_per_actor=1))
     table = Catalog(catalog).query(f"SELECT * FROM audits WHERE run_id = '{summary.run_id}'")
-    print_ranked([AuditRow(**row) for row in table.to_pylist()])
+    print_ranked([AuditRow(**row) for row in table.to_pylist()], truth=groups)
     print(f'catalog: {catalog}  (memray query {catalog} "SELECT * FROM latest")', file=sys.stderr)
-    return 0
+    print(f"report: memray report {catalog} --out {out / 'report.html'}", file=sys.stderr)
+    return 0 if not summary.unfinished else 1
 
 
 def cmd_config(args) -> int:
@@ -400,7 +403,12 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_query)
 
     p = sub.add_parser("demo", help="the main job on the embedded demo model and images")
-    p.add_argument("--out", default="memray-out", help="where the demo model, images and catalog go")
+    p.add_argument("--out", default="memray-out", help="where the demo images and the catalog go")
+    p.add_argument(
+        "--per-group", type=int, default=2, help="images from each group (every planted level, normal, held-out)"
+    )
+    p.add_argument("--all", action="store_true", help="the whole demo set (36 images)")
+    p.add_argument("--config", help="an audit configuration instead of the demo's (memray/demo_assets/audit.toml)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("config", help="print the effective configuration and its hash")

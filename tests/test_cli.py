@@ -1,4 +1,4 @@
-"""The command line end to end on the tiny model: inspect, audit a folder, config, demo."""
+"""The command line end to end on the tiny model: inspect, audit a folder, config (demo: test_demo_assets.py)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ import subprocess
 import sys
 
 import duckdb
-import pytest
 from conftest import png_bytes
 from PIL import Image
 
 from memray.catalog.schema import AuditRow
-from memray.catalog.store import Catalog, CatalogWriter
+from memray.catalog.store import CatalogWriter
 from memray.cli import main
 
 SMALL = (
@@ -115,18 +114,3 @@ def test_console_script_prints_the_config_and_its_hash():
 
     assert printed["config_hash"] == quick_config().hash()
     assert printed["invmm"]["steps"] == quick_config().invmm.steps
-
-
-@pytest.mark.slow
-def test_demo_runs_the_main_job_on_the_embedded_default(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path)]) == 0
-    printed = capsys.readouterr().out.splitlines()
-    assert "audited 6/6 images (0 errors)" in printed[-8]  # the job's progress line, then the ranked table
-    assert printed[-7].split()[:2] == ["image_id", "verdict"]
-    assert sorted(line.split()[0] for line in printed[-6:]) == [f"demo-{i:02d}" for i in range(6)]
-    (counts,) = (
-        Catalog(str(tmp_path / "catalog"))
-        .query("SELECT count(*) AS n, count(DISTINCT image_id) AS ids, min(status) AS status FROM audits")
-        .to_pylist()
-    )
-    assert counts == {"n": 6, "ids": 6, "status": "ok"}
