@@ -169,6 +169,7 @@ def unconditional_check(loaded, records, config: AuditConfig) -> list[str]:
     pixels = torch.stack([to_model_tensor(decode_image(r["data"]), model.resolution) for r in planted])
     z0 = model.encode_images(pixels.to(model.device)).detach()
     owner = torch.arange(len(planted), device=model.device)
+    model.counter.reset(len(planted))  # the check's own batch, not the last audited one
     similarity = build_similarity(config.similarity.kind, threshold=config.similarity.threshold)
     lines = []
     for regularized in (False, True):
