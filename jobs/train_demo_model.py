@@ -39,20 +39,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from memray.demo import CAPTION_WORDS, generated_scene, render_scene, scene_caption
-from memray.models.tiny import build_tiny_clip_tokenizer
+from memray.models.tiny import build_tiny_clip_tokenizer, save_sd_pipeline, sd_schedule
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MAX_LENGTH = 32  # tokens incl. start and end: the longest generated caption needs 24
 DEMO_NORMAL = 12  # normal images copied into the demo set (all planted and held-out ones are)
-SCHEDULE = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    prediction_type="epsilon",
-    clip_sample=False,
-    steps_offset=1,
-)
+SCHEDULE = sd_schedule()  # SD 1.x: scaled-linear betas, epsilon prediction
 
 
 @dataclass
@@ -296,23 +288,6 @@ def train_diffusion(unet, text_encoder, latents, token_ids, trained, args, log) 
     text_encoder.eval().requires_grad_(False)
 
 
-def save_pipeline(path: Path, vae, text_encoder, tokenizer, unet) -> None:
-    """Save in the diffusers Stable Diffusion layout with safetensors weights and a DDIM scheduler."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler(**SCHEDULE, set_alpha_to_one=False),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(str(path), safe_serialization=True)
-
-
 def write_demo_set(folder: Path, items: list[Item]) -> None:
     """The demo images as PNGs plus manifest.jsonl (id, uri, caption, split, duplicates)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -431,7 +406,7 @@ def main(argv=None) -> dict:
     train_diffusion(unet, text_encoder, latents * scaling, token_ids, trained, args, log)
     log["train_seconds"] = round(time.time() - log["_start"], 1)
 
-    save_pipeline(out / "model", vae, text_encoder, tokenizer, unet)
+    save_sd_pipeline(out / "model", vae, text_encoder, tokenizer, unet)
     demo = demo_subset(items)
     write_demo_set(out / "images", demo)
     if args.check_samples:

@@ -249,7 +249,7 @@ def write_demo_sample(folder: str | Path, per_group: int | None) -> tuple[Path, 
 
 
 def demo_model_dir(path: str | Path) -> Path:
-    """Build the tiny random-weight checkpoint at `path` unless it is there (a fast fixture; the demo model is trained_demo_model())."""
+    """Build the tiny random-weight checkpoint at `path` unless it is there (a fast fixture, not the demo model)."""
     path = Path(path)
     if not (path / "model_index.json").exists():
         build_tiny_sd(path)

@@ -45,6 +45,40 @@ def build_tiny_clip_tokenizer(words=TINY_WORDS):
     return CLIPTokenizer(vocab=vocab, merges=merges)
 
 
+def sd_schedule(prediction_type: str = "epsilon") -> dict:
+    """Stable Diffusion 1.x's noise schedule (scaled-linear betas, 1000 steps) as scheduler keyword arguments."""
+    return dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type=prediction_type,
+        clip_sample=False,
+        steps_offset=1,
+    )
+
+
+def save_sd_pipeline(path, vae, text_encoder, tokenizer, unet, *, prediction_type="epsilon", scheduler="ddim") -> None:
+    """Save the components in the diffusers Stable Diffusion layout with safetensors weights."""
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+
+    if scheduler == "ddim":
+        noise_scheduler = DDIMScheduler(**sd_schedule(prediction_type), set_alpha_to_one=False)
+    else:
+        noise_scheduler = DDPMScheduler(**sd_schedule(prediction_type))
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=noise_scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(path), safe_serialization=True)
+
+
 def build_tiny_sd(
     path: str | Path,
     *,
@@ -55,13 +89,7 @@ def build_tiny_sd(
     scheduler: str = "ddim",
 ) -> Path:
     """Save a tiny Stable Diffusion pipeline (VAE, CLIP text encoder, UNet, scheduler) to `path`."""
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        DDPMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -103,30 +131,7 @@ def build_tiny_sd(
         attention_head_dim=8,
         norm_num_groups=8,
     )
-    schedule = dict(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type=prediction_type,
-        clip_sample=False,
-        steps_offset=1,
-    )
-    if scheduler == "ddim":
-        noise_scheduler = DDIMScheduler(**schedule, set_alpha_to_one=False)
-    else:
-        noise_scheduler = DDPMScheduler(**schedule)
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=noise_scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(str(path), safe_serialization=True)
+    save_sd_pipeline(path, vae, text_encoder, tokenizer, unet, prediction_type=prediction_type, scheduler=scheduler)
     return Path(path)
 
 
