@@ -7,11 +7,11 @@ import dataclasses
 import json
 import sys
 import time
-import tomllib
 from pathlib import Path
 
+from memray.catalog.schema import SCHEMA_VERSION
 from memray.catalog.store import CatalogQueryError
-from memray.config import PRESETS, AuditConfig, ConfigError, load_config
+from memray.config import PRESETS, AuditConfig, ConfigError, apply_overrides, load_config
 from memray.data.sources import SourceError
 from memray.models.loading import CheckpointError
 
@@ -37,36 +37,17 @@ class Progress:
         self.stream.flush()
 
 
-def _parse_override(text: str) -> tuple[list[str], object]:
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise ConfigError(f"--set {text!r}: expected SECTION.KEY=VALUE, e.g. invmm.steps=500")
-    try:
-        parsed = tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError:
-        parsed = value  # a bare word such as tiled_l2
-    return key.split("."), parsed
-
-
 def build_config(args) -> AuditConfig:
     """Preset or file, then --set overrides, then the shortcut flags."""
-    config = load_config(args.config) if args.config else PRESETS[args.preset]()
-    data = config.to_dict()
-    for override in args.set or []:
-        path, value = _parse_override(override)
-        target = data
-        for part in path[:-1]:
-            target = target.setdefault(part, {})
-        target[path[-1]] = value
+    base = load_config(args.config) if args.config else PRESETS[args.preset]()
+    shortcuts = {}
     if args.sscd:
-        data["similarity"].update(kind="sscd", sscd_path=args.sscd)
+        shortcuts["similarity"] = {"kind": "sscd", "sscd_path": args.sscd}
     if args.seed is not None:
-        data["seed"] = args.seed
+        shortcuts["seed"] = args.seed
     if args.precision is not None:
-        data["precision"] = args.precision
-    from memray.config import from_dict
-
-    return from_dict(data)
+        shortcuts["precision"] = args.precision
+    return apply_overrides(base, args.set or [], **shortcuts)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -167,21 +148,27 @@ def cmd_inspect(args) -> int:
 
 
 def print_ranked(rows, stream=None, truth: dict[str, str] | None = None) -> None:
-    """Rows ranked most memorised first: replicated by InvMM KL, then by Wasserstein shift; `truth` adds a column."""
+    """Rows ranked most memorised first (unprompted replication, InvMM KL, M4 shift); `truth` adds a column."""
     stream = stream or sys.stdout
 
     def rank(row):
-        return (row.status != "ok", row.invmm_kl is None, row.invmm_kl or 0.0, -(row.wasserstein_shift_sd or 0.0))
+        return (
+            row.status != "ok",
+            -(row.uncond_replication_rate or 0.0),
+            row.invmm_kl is None,
+            row.invmm_kl or 0.0,
+            -(row.err_shift_relative or 0.0),
+        )
 
     columns = [
         "image_id",
         "verdict",
+        "uncond_replication_rate",
         "invmm_kl",
         "invmm_similarity",
-        "wasserstein",
-        "wasserstein_shift_sd",
-        "z0_error",
-        "noise_ks_p",
+        "replication_threshold",
+        "invmm_prompt_replicated",
+        "err_shift_relative",
         "wen_score",
         "unet_forwards",
         "seconds",
@@ -264,6 +251,15 @@ def cmd_query(args) -> int:
     return 0
 
 
+def cmd_migrate(args) -> int:
+    """Rewrite a catalog's files of older schema versions in the current one."""
+    from memray.catalog.store import migrate_catalog
+
+    migrated = migrate_catalog(args.catalog)
+    print(f"migrated {len(migrated)} files to schema version {SCHEMA_VERSION}", file=sys.stderr)
+    return 0
+
+
 def cmd_demo(args) -> int:
     """The main job on the embedded default: the demo model with planted memorization, on its demo images."""
     from memray.catalog.schema import AuditRow
@@ -272,12 +268,12 @@ def cmd_demo(args) -> int:
     from memray.dist.pipeline import PipelineOptions, run_audit
 
     out = Path(args.out)
-    manifest, groups = write_demo_sample(out / "demo-images", None if args.all else args.per_group)
+    manifest, truth = write_demo_sample(out / "demo-images", None if args.all else args.per_group)
     config = load_config(args.config or demo_audit_config())
     catalog = str(out / "catalog")
     summary = run_audit([str(manifest)], str(trained_demo_model()), catalog, config, PipelineOptions(cpus_per_actor=1))
     table = Catalog(catalog).query(f"SELECT * FROM audits WHERE run_id = '{summary.run_id}'")
-    print_ranked([AuditRow(**row) for row in table.to_pylist()], truth=groups)
+    print_ranked([AuditRow(**row) for row in table.to_pylist()], truth=truth)
     print(f'catalog: {catalog}  (memray query {catalog} "SELECT * FROM latest")', file=sys.stderr)
     print(f"report: memray report {catalog} --out {out / 'report.html'}", file=sys.stderr)
     return 0 if not summary.unfinished else 1
@@ -326,6 +322,7 @@ def add_policy_args(parser: argparse.ArgumentParser) -> None:
         ),
         ("max_kl_regressions", limit, "N", "images whose InvMM KL fell beyond --kl-drop / --kl-drop-rel"),
         ("max_shift_regressions", limit, "N", "images whose Wasserstein shift rose beyond --shift-rise"),
+        ("max_newly_uncond_replicated", limit, "N", "images newly replicated from the empty prompt"),
         ("max_missing", limit, "N", "images audited ok under the base model but not under the new one"),
         ("kl_drop", threshold, "X", "absolute fall of invmm_kl"),
         ("kl_drop_rel", threshold, "F", "fall of invmm_kl as a fraction of the base KL"),
@@ -410,6 +407,10 @@ def main(argv=None) -> int:
     p.add_argument("--all", action="store_true", help="the whole demo set (36 images)")
     p.add_argument("--config", help="an audit configuration instead of the demo's (memray/demo_assets/audit.toml)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("migrate", help="rewrite a catalog's older files in the current schema version")
+    p.add_argument("catalog")
+    p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("config", help="print the effective configuration and its hash")
     p.add_argument("--config")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 import types
 import typing
@@ -22,7 +23,16 @@ from memray.measures.wasserstein import WassersteinConfig
 from memray.measures.wen import WenConfig
 from memray.measures.z0_error import Z0ErrorConfig
 
-MEASURES = ("z0_error", "noise_inversion", "prompt_inversion", "wasserstein", "invmm", "wen", "hard_prompt")
+MEASURES = (
+    "z0_error",
+    "noise_inversion",
+    "prompt_inversion",
+    "wasserstein",
+    "invmm",
+    "uncond_replication",
+    "wen",
+    "hard_prompt",
+)
 V1_CHAIN = ("z0_error", "noise_inversion", "prompt_inversion", "wasserstein")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -33,10 +43,20 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class SimilarityConfig:
-    """Which similarity decides replication, and its threshold (None: the kind's default)."""
+    """Which similarity decides replication, and the bar a replica must clear (docs/science.md).
+
+    A replica must reach the threshold and remove a share `null_gain` of the distance that each
+    null leaves: the content null (the target without its detail) and the model null (the
+    `null_quantile` of the target's similarity to `null_samples` samples of the model from the
+    empty prompt; 0 samples: no model null, and no uncond_replication measure).
+    """
 
     kind: str = "tiled_l2"  # "sscd" (needs sscd_path), "tiled_l2" or "latent_l2"
-    threshold: float | None = None
+    threshold: float | None = None  # None: the kind's default (sscd 0.5, tiled_l2 0.9, latent_l2 0.5)
+    nulls: bool = True  # false: the reference's absolute threshold alone (the nulls are still recorded)
+    null_gain: float = 0.5
+    null_samples: int = 64
+    null_quantile: float = 0.9
     sscd_path: str | None = None
 
 
@@ -45,6 +65,7 @@ class VerdictConfig:
     """The rule from scores to memorized / not_memorized / inconclusive."""
 
     invmm_kl_max: float = 0.5  # replicated with KL at most this: memorized
+    uncond_rate_min: float = 0.03  # replicated by at least this share of the empty prompt's samples: memorized
     shift_sd_memorized: float = 10.0  # Chebyshev: P <= 1/k^2 = 1% under the safe model
     shift_sd_clear: float = 3.0
 
@@ -63,6 +84,7 @@ class AuditConfig:
 
     measures: tuple[str, ...] = (
         "invmm",
+        "uncond_replication",
         "z0_error",
         "noise_inversion",
         "prompt_inversion",
@@ -101,10 +123,7 @@ class AuditConfig:
 
     def replace(self, **changes) -> AuditConfig:
         """A copy with nested changes: replace(invmm={"steps": 100}, seed=1)."""
-        merged = self.to_dict()
-        for key, value in changes.items():
-            merged[key] = {**merged[key], **value} if isinstance(value, dict) else value
-        return from_dict(merged)
+        return apply_overrides(self, [], **changes)
 
 
 def _build(cls, data, where: str):
@@ -144,9 +163,28 @@ def _coerce(hint, value, where: str):
     return value
 
 
+def _numbers(node, where: str = ""):
+    """(name, value) of every number in a config tree, tuples item by item."""
+    for f in dataclasses.fields(node):
+        value, name = getattr(node, f.name), f"{where}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _numbers(value, name + ".")
+        elif isinstance(value, tuple):
+            yield from ((f"{name}[{i}]", v) for i, v in enumerate(value) if isinstance(v, (int, float)))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield name, value
+
+
 def validate(config: AuditConfig) -> None:
     """Range and consistency checks, so faults surface at start-up, not hours into a job."""
-    problems = []
+    # A NaN compares false with everything: as a threshold or a scale it silently turns verdicts.
+    problems = [
+        f"{name}: must be a finite number, got {value}" for name, value in _numbers(config) if not math.isfinite(value)
+    ]
+    if not config.measures:
+        problems.append(f"measures: at least one measure is needed; known: {list(MEASURES)}")
+    if config.seed < 0:
+        problems.append(f"seed: must be >= 0, got {config.seed}")
     unknown = sorted(set(config.measures) - set(MEASURES))
     if unknown:
         problems.append(f"measures: unknown {unknown}; known: {list(MEASURES)}")
@@ -189,7 +227,8 @@ def validate(config: AuditConfig) -> None:
         "similarity.kind": (config.similarity.kind, ("sscd", "tiled_l2", "latent_l2")),
         "prompt_inversion.regularizer": (config.prompt_inversion.regularizer, ("r1", "r2", "none")),
         "hard_prompt.run_for": (config.hard_prompt.run_for, ("memorized", "always", "never")),
-        "invmm.check_prompt": (config.invmm.check_prompt, ("argmax", "soft")),
+        "invmm.prompt_init": (config.invmm.prompt_init, ("caption", "zero")),
+        "prompt_inversion.init": (config.prompt_inversion.init, ("caption", "random")),
     }
     problems += [
         f"{name}: {value!r} not in {allowed}" for name, (value, allowed) in choices.items() if value not in allowed
@@ -198,8 +237,52 @@ def validate(config: AuditConfig) -> None:
         problems.append("similarity.sscd_path: required when similarity.kind = 'sscd'")
     if not config.invmm.guidance_scales:
         problems.append("invmm.guidance_scales: needs at least one scale")
+    if not all(scale > 0 for scale in config.invmm.guidance_scales):
+        problems.append(f"invmm.guidance_scales: must be > 0, got {list(config.invmm.guidance_scales)}")
+    if config.invmm.prompt_lr is not None and not config.invmm.prompt_lr > 0:
+        problems.append(f"invmm.prompt_lr: must be > 0 (or unset: lr), got {config.invmm.prompt_lr}")
+    if not 0 <= config.verdict.uncond_rate_min <= 1:
+        problems.append(f"verdict.uncond_rate_min: must be in [0, 1], got {config.verdict.uncond_rate_min}")
+    if not config.verdict.invmm_kl_max >= 0:
+        problems.append(f"verdict.invmm_kl_max: must be >= 0, got {config.verdict.invmm_kl_max}")
+    if not config.verdict.shift_sd_clear <= config.verdict.shift_sd_memorized:
+        problems.append("verdict.shift_sd_clear: cannot exceed verdict.shift_sd_memorized")
+    if not 0 < config.invmm.prompt_init_weight < 1:
+        problems.append(f"invmm.prompt_init_weight: must be in (0, 1), got {config.invmm.prompt_init_weight}")
+    if not 0 <= config.similarity.null_gain < 1:
+        problems.append(f"similarity.null_gain: must be in [0, 1), got {config.similarity.null_gain}")
+    if not 0 <= config.similarity.null_quantile <= 1:
+        problems.append(f"similarity.null_quantile: must be in [0, 1], got {config.similarity.null_quantile}")
+    if config.similarity.null_samples < 0:
+        problems.append(f"similarity.null_samples: must be >= 0, got {config.similarity.null_samples}")
+    if "uncond_replication" in config.measures and not config.similarity.null_samples:
+        problems.append(
+            "measures: 'uncond_replication' counts replicas among the model null's samples (null_samples > 0)"
+        )
     if problems:
         raise ConfigError("invalid audit configuration:\n  " + "\n  ".join(problems))
+
+
+def apply_overrides(config: AuditConfig, overrides, **changes) -> AuditConfig:
+    """`config` with SECTION.KEY=VALUE overrides (values in TOML syntax; a bare word is a string), then
+    nested `changes` as in AuditConfig.replace, validated once at the end."""
+    data = config.to_dict()
+    for text in overrides:
+        key, sep, value = text.partition("=")
+        if not sep:
+            raise ConfigError(f"override {text!r}: expected SECTION.KEY=VALUE, e.g. invmm.steps=500")
+        try:
+            parsed = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = value  # a bare word such as tiled_l2
+        *sections, name = key.split(".")
+        target = data
+        for part in sections:
+            target = target.setdefault(part, {})
+        target[name] = parsed
+    for key, value in changes.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return from_dict(data)
 
 
 def from_dict(data: dict) -> AuditConfig:
@@ -246,6 +329,7 @@ def quick_config() -> AuditConfig:
             loss_window=20,
         ),
         wen=WenConfig(generations=2, steps=1, sampling_steps=10),
+        similarity=SimilarityConfig(null_samples=16),
     )
 
 

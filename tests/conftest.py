@@ -68,6 +68,16 @@ def tiny_ddpm(tiny_ddpm_dir):
     return load_model(str(tiny_ddpm_dir), device="cpu")
 
 
+def threshold_targets(model, similarity, z0: torch.Tensor):
+    """Targets whose bar is the similarity's threshold alone (no nulls): checks decided by the threshold."""
+    from memray.measures.similarity import Targets
+
+    with torch.no_grad():
+        features = similarity.features(model, z0)
+    nan = torch.full((len(z0),), torch.nan, device=z0.device)
+    return Targets(features, nan, nan, torch.full_like(nan, float(similarity.threshold)), nan)
+
+
 def png_bytes(seed: int, size=(40, 48), mode="RGB") -> bytes:
     """A deterministic noisy PNG image, encoded."""
     rs = np.random.RandomState(seed)

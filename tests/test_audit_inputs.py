@@ -26,7 +26,7 @@ def tiny_config(**changes):
     every measure column of an ok row gets a value."""
     base = tiny_budgets().replace(
         hard_prompt={"run_for": "always"},
-        similarity={"kind": "latent_l2", "threshold": -1e9},
+        similarity={"kind": "latent_l2", "threshold": -1e9, "nulls": False},
     )
     return base.replace(**changes) if changes else base
 
@@ -97,9 +97,16 @@ MEASURE_FIELDS = (
     "invmm_similarity",
     "invmm_guidance",
     "invmm_prompt",
+    "invmm_prompt_init",
+    "invmm_prompt_replicated",
+    "replication_threshold",
+    "null_content_similarity",
+    "null_model_similarity",
+    "uncond_replication_rate",
     "z0_error",
     "wasserstein",
     "wasserstein_shift_sd",
+    "err_shift_relative",
     "err_uncond_mean",
     "err_cond_mean",
     "soft_prompt_error",
@@ -149,7 +156,7 @@ def test_good_and_convertible_images_get_complete_ok_rows(mixed_batch):
             assert value is not None, f"{name}: {field} is missing"
             if isinstance(value, float):
                 assert math.isfinite(value), f"{name}: {field} = {value}"
-        assert row.invmm_replicated and row.invmm_steps == 2
+        assert row.invmm_replicated and row.invmm_steps == 0  # replicated at the check of N(0, I)
         assert row.verdict in ("memorized", "not_memorized", "inconclusive")
         assert row.unet_forwards > 0 and row.unet_backwards > 0 and row.seconds > 0
         assert (row.wen_score is not None) == (caption is not None), name
@@ -210,7 +217,7 @@ def test_an_unreadable_path_becomes_an_error_row_not_a_crash(tiny_sd, tmp_path):
 def test_prompt_measures_are_refused_for_the_unconditional_ddpm(tiny_ddpm, tiny_sd):
     config = quick_config()
     model = tiny_ddpm.adapter
-    assert supported_measures(config, model) == ("invmm", "z0_error", "noise_inversion")
+    assert supported_measures(config, model) == ("invmm", "uncond_replication", "z0_error", "noise_inversion")
     assert supported_measures(config, tiny_sd.adapter) == config.measures
     with pytest.raises(ConfigError, match="unconditional") as caught:
         check_compatible(config, model)

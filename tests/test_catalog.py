@@ -194,6 +194,45 @@ def test_files_of_an_older_schema_read_with_nulls(tmp_path):
     assert table.to_pylist() == [{"image_id": "new", "invmm_kl": 0.5}, {"image_id": "old", "invmm_kl": None}]
 
 
+def test_migrate_rewrites_older_files_in_the_current_schema_and_keeps_each_rows_version(tmp_path):
+    import dataclasses
+
+    from memray.catalog.schema import SCHEMA_VERSION
+    from memray.catalog.store import migrate_catalog
+
+    write(tmp_path, [row("current")])
+    old = row("old")
+    # a schema 1 file: the columns of version 1 only, with its metadata
+    v1 = {f.name: getattr(old, f.name) for f in dataclasses.fields(old) if f.name not in V2_COLUMNS}
+    v1["schema_version"] = 1
+    table = pa.Table.from_pylist([v1]).replace_schema_metadata({"memray_schema_version": "1"})
+    (tmp_path / "model=m").mkdir(exist_ok=True)
+    pq.write_table(table, tmp_path / "model=m" / "part-v1.parquet")
+    before = Catalog(tmp_path).query("SELECT * FROM audits ORDER BY image_id").to_pylist()
+
+    migrated = migrate_catalog(tmp_path)
+    assert [p.rsplit("/", 1)[-1] for p in migrated] == ["part-v1.parquet"]
+    assert migrate_catalog(tmp_path) == []  # a rerun finds nothing left to do
+    rewritten = pq.read_table(tmp_path / "model=m" / "part-v1.parquet")
+    assert rewritten.schema.metadata[b"memray_schema_version"] == str(SCHEMA_VERSION).encode()
+    assert rewritten.schema.names == list(ARROW_SCHEMA.names)
+    after = Catalog(tmp_path).query("SELECT * FROM audits ORDER BY image_id").to_pylist()
+    assert after == before  # the same rows, the new columns NULL, each row's own version kept
+    assert [r["schema_version"] for r in after] == [SCHEMA_VERSION, 1]
+    assert all(r[c] is None for r in after if r["image_id"] == "old" for c in V2_COLUMNS)
+
+
+V2_COLUMNS = (
+    "invmm_prompt_init",
+    "invmm_prompt_replicated",
+    "replication_threshold",
+    "null_content_similarity",
+    "null_model_similarity",
+    "uncond_replication_rate",
+    "err_shift_relative",
+)
+
+
 def test_root_path_with_key_value_folders_adds_no_columns(tmp_path):
     root = tmp_path / "run=3" / "cat"
     write(root, [row("a")])

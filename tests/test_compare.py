@@ -15,7 +15,18 @@ BASE, NEW = "ckpt-001", "ckpt-002"
 OFF = ["--kl-drop-rel", "off", "--max-newly-memorized", "off", "--max-newly-replicated", "off"]
 
 
-def row(image_id, model, *, kl=None, verdict="not_memorized", shift=None, at="2026-11-01", config="cfg", status="ok"):
+def row(
+    image_id,
+    model,
+    *,
+    kl=None,
+    verdict="not_memorized",
+    shift=None,
+    uncond=None,
+    at="2026-11-01",
+    config="cfg",
+    status="ok",
+):
     """An audit row; `kl` None means InvMM never replicated the image (censored)."""
     return AuditRow(
         image_id=image_id,
@@ -27,6 +38,7 @@ def row(image_id, model, *, kl=None, verdict="not_memorized", shift=None, at="20
         invmm_kl=kl,
         invmm_replicated=kl is not None,
         wasserstein_shift_sd=shift,
+        uncond_replication_rate=uncond,
         verdict=verdict if status == "ok" else None,
     )
 
@@ -82,11 +94,30 @@ def test_each_kind_of_change_is_found(catalog):
         "newly_replicated": 1,
         "kl_regression": 1,
         "shift_regression": 0,
+        "newly_uncond_replicated": 0,
         "no_longer_memorized": 1,
         "config_differs": 0,
     }
     assert len(comparison.violations) == 3 and not comparison.warnings
     assert "1 images newly memorized (policy allows 0): memorized" in comparison.violations
+
+
+def test_replication_from_the_empty_prompt_is_a_regression_of_its_own(tmp_path):
+    catalog = write_catalog(
+        tmp_path / "catalog",
+        [
+            *pair("unprompted", {"kl": 0.0, "uncond": 0.0}, {"kl": 0.0, "uncond": 0.25}),
+            *pair("already", {"kl": 0.0, "uncond": 0.1}, {"kl": 0.0, "uncond": 0.5}),
+            *pair("old-catalog", {"kl": 0.0}, {"kl": 0.0, "uncond": 0.0}),  # a schema 1 row has no rate
+        ],
+    )
+    comparison = compare_models(catalog, BASE, NEW)
+    assert regressions(comparison) == {"unprompted": ["newly_uncond_replicated"], "already": [], "old-catalog": []}
+    assert comparison.violations == [
+        "1 images newly replicated from the empty prompt (no prompt needed) (policy allows 0): unprompted"
+    ]
+    allowed = compare_models(catalog, BASE, NEW, ComparePolicy(max_newly_uncond_replicated=1))
+    assert not allowed.violations
 
 
 def test_comparison_reads_the_latest_row_per_image(tmp_path):

@@ -17,7 +17,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import png_bytes, tiny_budgets
+from conftest import png_bytes, threshold_targets, tiny_budgets
 
 from memray.audit.runner import ImageInput, audit_batch
 from memray.config import quick_config
@@ -52,16 +52,18 @@ def image_z0(model, seeds) -> torch.Tensor:
 
 
 class MarkedSimilarity:
-    """A similarity (threshold, kind, __call__) that says 1.0 exactly for targets equal to a marked z0."""
+    """A similarity (features, compare) that says 1.0 exactly for targets equal to a marked z0."""
 
     kind = "marked"
 
     def __init__(self, marked: torch.Tensor, threshold: float = 0.5):
         self.marked, self.threshold = marked, threshold
 
-    def __call__(self, model, generated_z0, target_z0):
-        same = (target_z0.unsqueeze(1) == self.marked.unsqueeze(0)).flatten(2).all(2).any(1)
-        return same.float()
+    def features(self, model, z0):
+        return z0
+
+    def compare(self, generated, target):
+        return (target.unsqueeze(1) == self.marked.unsqueeze(0)).flatten(2).all(2).any(1).float()
 
 
 def frozen_state(model):
@@ -84,14 +86,16 @@ def assert_invmm_rows_equal(a, rows_a, b, rows_b, *, exact=False):
     torch.testing.assert_close(a.mu[rows_a], b.mu[rows_b], **tol)
     torch.testing.assert_close(a.log_var[rows_a], b.log_var[rows_b], **tol)
     assert [a.prompts[i] for i in rows_a] == [b.prompts[i] for i in rows_b]
-    if a.prompt_ids is not None:
-        torch.testing.assert_close(a.prompt_ids[rows_a], b.prompt_ids[rows_b], rtol=0, atol=0)
+    if a.condition is not None:
+        torch.testing.assert_close(a.condition[rows_a], b.condition[rows_b], **tol)
 
 
-def run_invmm(model, z0, ids, similarity, config=TINY_INVMM, seed=0):
+def run_invmm(model, z0, ids, similarity, config=TINY_INVMM, seed=0, start_ids=None):
     model.counter.reset(len(ids))
     gens = rng.image_generators(ids, seed, "invmm", model.device)
-    return invmm(model, z0, gens, torch.arange(len(ids), device=model.device), config, similarity)
+    targets = threshold_targets(model, similarity, z0)
+    owner = torch.arange(len(ids), device=model.device)
+    return invmm(model, z0, gens, owner, config, similarity, targets, start_ids=start_ids)
 
 
 # -- frozen networks, gradients -------------------------------------------------------------------
@@ -131,7 +135,7 @@ def test_invmm_loss_gradient_reaches_mu_log_var_and_logits(tiny_sd):
     z0 = image_z0(model, [21, 22])
     owner = torch.arange(batch)
     gens = rng.image_generators(["g0", "g1"], 0, "invmm")
-    prompt = _PromptDistribution(model, batch, cfg, model.device)
+    prompt = _PromptDistribution(model, cfg, torch.full((batch, model.num_free_slots), -1))
     # a point away from the all-zero start, so the KL term has a gradient too
     mu = (0.1 * torch.randn(z0.shape, generator=torch.Generator().manual_seed(1))).requires_grad_()
     log_var = torch.full_like(z0, -0.2).requires_grad_()
@@ -230,16 +234,31 @@ def test_invmm_counts_when_never_replicating(tiny_sd):
     s = cfg.samples_per_step
     assert not result.replicated.any() and np.isnan(result.kl).all()
     np.testing.assert_array_equal(result.steps, [cfg.steps] * 2)
-    forwards = cfg.steps * s + (cfg.steps // cfg.check_every) * _check_cost(cfg, cfg.guidance_scales, 1)
+    checks = cfg.steps // cfg.check_every + 1  # and one at the start
+    forwards = cfg.steps * s + checks * _check_cost(cfg, cfg.guidance_scales, 1)
     np.testing.assert_array_equal(model.counter.forwards, [forwards] * 2)
     np.testing.assert_array_equal(model.counter.backwards, [cfg.steps * s] * 2)
 
 
-def test_invmm_counts_and_score_when_replicating_at_the_first_check(tiny_sd):
+def test_invmm_replicating_at_the_start_scores_kl_zero_and_checks_its_readable_prompt(tiny_sd):
     model, cfg = tiny_sd.adapter, TINY_INVMM
     z0 = image_z0(model, [53, 54])
     # latent L2 similarity is unbounded below (about -50 for the tiny SD): -1e9 always passes
     result = run_invmm(model, z0, ["r0", "r1"], LatentL2Similarity(threshold=-1e9))
+    assert result.replicated.all() and result.finite.all() and result.prompt_replicated.all()
+    np.testing.assert_array_equal(result.steps, [0, 0])
+    np.testing.assert_array_equal(result.kl, [0.0, 0.0])  # N(0, I) itself
+    assert all(isinstance(p, str) for p in result.prompts)
+    # the expected token mix, then the readable prompt, each with all K noises at every scale
+    forwards = 2 * _check_cost(cfg, cfg.guidance_scales, cfg.check_noises)
+    np.testing.assert_array_equal(model.counter.forwards, [forwards] * 2)
+    np.testing.assert_array_equal(model.counter.backwards, [0, 0])
+
+
+def test_invmm_counts_and_score_when_replicating_at_the_first_check_after_steps(tiny_sd):
+    model, cfg = tiny_sd.adapter, dataclasses.replace(TINY_INVMM, check_at_start=False)
+    z0 = image_z0(model, [53, 54])
+    result = run_invmm(model, z0, ["r0", "r1"], LatentL2Similarity(threshold=-1e9), config=cfg)
     s = cfg.samples_per_step
     assert result.replicated.all() and result.finite.all()
     np.testing.assert_array_equal(result.steps, [cfg.check_every] * 2)
@@ -247,19 +266,19 @@ def test_invmm_counts_and_score_when_replicating_at_the_first_check(tiny_sd):
         torch.as_tensor(result.kl), kl_to_standard_normal(result.mu, result.log_var), rtol=0, atol=0
     )
     assert np.isfinite(result.kl).all() and (result.kl > 0).all()
-    assert all(isinstance(p, str) for p in result.prompts)
-    forwards = cfg.check_every * s + _check_cost(cfg, cfg.guidance_scales, cfg.check_noises)
+    forwards = cfg.check_every * s + 2 * _check_cost(cfg, cfg.guidance_scales, cfg.check_noises)
     np.testing.assert_array_equal(model.counter.forwards, [forwards] * 2)
     np.testing.assert_array_equal(model.counter.backwards, [cfg.check_every * s] * 2)
 
 
 @pytest.mark.parametrize("fixture", ["tiny_sd", "tiny_ddpm"])
 def test_an_image_that_replicates_stops_costing_and_does_not_disturb_the_other(request, fixture):
-    model, cfg = request.getfixturevalue(fixture).adapter, TINY_INVMM
+    # no check at the start, so the early image costs optimisation steps before it leaves
+    model, cfg = request.getfixturevalue(fixture).adapter, dataclasses.replace(TINY_INVMM, check_at_start=False)
     scales = cfg.guidance_scales if model.is_conditional else (1.0,)
     z0 = image_z0(model, [61, 62])
     similarity = MarkedSimilarity(z0[:1].clone())
-    both = run_invmm(model, z0, ["early", "late"], similarity)
+    both = run_invmm(model, z0, ["early", "late"], similarity, config=cfg)
     counts = model.counter.forwards.copy(), model.counter.backwards.copy()
     s = cfg.samples_per_step
 
@@ -267,12 +286,13 @@ def test_an_image_that_replicates_stops_costing_and_does_not_disturb_the_other(r
     np.testing.assert_array_equal(both.steps, [cfg.check_every, cfg.steps])
     assert both.kl[0] == pytest.approx(float(kl_to_standard_normal(both.mu[:1], both.log_var[:1])[0]), abs=0)
     assert math.isnan(both.kl[1])
-    early = cfg.check_every * s + _check_cost(cfg, scales, cfg.check_noises)
+    readable = _check_cost(cfg, scales, cfg.check_noises) if model.is_conditional else 0
+    early = cfg.check_every * s + _check_cost(cfg, scales, cfg.check_noises) + readable
     late = cfg.steps * s + (cfg.steps // cfg.check_every) * _check_cost(cfg, scales, 1)
     np.testing.assert_array_equal(counts[0], [early, late])
     np.testing.assert_array_equal(counts[1], [cfg.check_every * s, cfg.steps * s])
 
-    alone = run_invmm(model, z0[1:], ["late"], similarity)
+    alone = run_invmm(model, z0[1:], ["late"], similarity, config=cfg)
     assert_invmm_rows_equal(both, [1], alone, [0])
     np.testing.assert_array_equal(model.counter.forwards, [late])
 
@@ -474,7 +494,7 @@ def test_row_adam_matches_torch_adam_per_row_whatever_the_batch_schedule():
 
 def test_staged_replication_check_decides_like_generating_all_k_at_every_scale(tiny_sd):
     from memray.measures.replication import replication_check
-    from memray.measures.sampling import aligned_start, ddim_generate
+    from memray.measures.sampling import ddim_generate
 
     model = tiny_sd.adapter
     scales, k, steps = (1.0, 2.0, 4.0), 3, 3
@@ -490,7 +510,7 @@ def test_staged_replication_check_decides_like_generating_all_k_at_every_scale(t
         for i in range(batch):
             for j in range(k):
                 for m, scale in enumerate(scales):
-                    z_T = aligned_start(model, z0[i : i + 1], noises[i, j : j + 1], steps)
+                    z_T = noises[i, j : j + 1]
                     gen = ddim_generate(
                         model, z_T, cond[i : i + 1], torch.tensor([scale]), torch.zeros(1, dtype=torch.long), steps
                     )
@@ -504,7 +524,10 @@ def test_staged_replication_check_decides_like_generating_all_k_at_every_scale(t
     expected = (minimum >= similarity.threshold).any(1)
 
     model.counter.reset(batch)
-    check = replication_check(model, z0, noises, cond, scales, similarity, torch.arange(batch), num_steps=steps)
+    targets = threshold_targets(model, similarity, z0)
+    check = replication_check(
+        model, z0, noises, cond, scales, similarity, targets, torch.arange(batch), num_steps=steps
+    )
     assert check.replicated.tolist() == expected.tolist()
     passed_first = full[:, 0] >= similarity.threshold
     assert passed_first.any() and not passed_first.all()

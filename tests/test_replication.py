@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import threshold_targets
 
 from memray.measures.replication import replication_check
-from memray.measures.sampling import aligned_start, ddim_generate
+from memray.measures.sampling import ddim_generate
 from memray.measures.similarity import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -41,7 +42,7 @@ def unstaged_similarities(model, z0, noises, cond, scales, similarity):
     out = torch.empty(batch, len(scales), k)
     for b in range(batch):
         for s, scale in enumerate(scales):
-            z_T = aligned_start(model, z0[b].expand(k, *z0.shape[1:]), noises[b], STEPS)
+            z_T = noises[b]
             c = None if cond is None else cond[b].expand(k, *cond.shape[1:])
             model.counter.reset(batch)
             generated = ddim_generate(model, z_T, c, torch.full((k,), scale), torch.full((k,), b), STEPS)
@@ -91,7 +92,17 @@ def test_staged_check_decides_like_the_unstaged_reference(sd_case):
     for threshold in thresholds:
         similarity.threshold = threshold
         model.counter.reset(B)
-        result = replication_check(model, z0, noises, cond, SCALES, similarity, torch.arange(B), num_steps=STEPS)
+        result = replication_check(
+            model,
+            z0,
+            noises,
+            cond,
+            SCALES,
+            similarity,
+            threshold_targets(model, similarity, z0),
+            torch.arange(B),
+            num_steps=STEPS,
+        )
         replicated, best_sim, best_scale = reference_decision(sims, SCALES, threshold)
         first_pass = sims[:, :, 0] >= threshold
         assert first_pass.any() and not first_pass.all()  # some scales pass stage 1, some fail
@@ -115,7 +126,17 @@ def test_unconditional_model_checks_only_guidance_one(tiny_ddpm):
     for threshold in [float(sims.min()) - 1e-2, float(sims.max()) + 1e-2] + thresholds_between(sims):
         similarity.threshold = threshold
         model.counter.reset(B)
-        result = replication_check(model, z0, noises, None, SCALES, similarity, torch.arange(B), num_steps=STEPS)
+        result = replication_check(
+            model,
+            z0,
+            noises,
+            None,
+            SCALES,
+            similarity,
+            threshold_targets(model, similarity, z0),
+            torch.arange(B),
+            num_steps=STEPS,
+        )
         replicated, best_sim, best_scale = reference_decision(sims, [1.0], threshold)
         assert result.replicated.tolist() == replicated.tolist()
         torch.testing.assert_close(result.similarity, best_sim, rtol=1e-4, atol=1e-4)
@@ -127,7 +148,17 @@ def test_a_failing_check_costs_one_noise_per_scale(sd_case, scales):
     model, z0, noises, cond = sd_case
     similarity = LatentL2Similarity(threshold=2.0)  # latent L2 similarity is at most 1: nothing passes
     model.counter.reset(B)
-    result = replication_check(model, z0, noises, cond, scales, similarity, torch.arange(B), num_steps=STEPS)
+    result = replication_check(
+        model,
+        z0,
+        noises,
+        cond,
+        scales,
+        similarity,
+        threshold_targets(model, similarity, z0),
+        torch.arange(B),
+        num_steps=STEPS,
+    )
     assert not result.replicated.any()
     per_image = sum(STEPS * (1 if s == 1 else 2) for s in scales)
     assert model.counter.forwards.tolist() == [per_image] * B
@@ -139,7 +170,17 @@ def test_a_passing_check_costs_all_noises_at_every_scale(sd_case):
     model, z0, noises, cond = sd_case
     similarity = LatentL2Similarity(threshold=-np.inf)
     model.counter.reset(B)
-    result = replication_check(model, z0, noises, cond, SCALES, similarity, torch.arange(B), num_steps=STEPS)
+    result = replication_check(
+        model,
+        z0,
+        noises,
+        cond,
+        SCALES,
+        similarity,
+        threshold_targets(model, similarity, z0),
+        torch.arange(B),
+        num_steps=STEPS,
+    )
     assert result.replicated.all()
     per_image = K * sum(STEPS * (1 if s == 1 else 2) for s in SCALES)
     assert model.counter.forwards.tolist() == [per_image] * B
@@ -269,8 +310,8 @@ def test_sscd_on_a_real_torchscript_file_gives_cosine_one_for_identical_images(t
     sim = similarity(model, a, b)
     assert (sim < 1 - 1e-4).all() and (sim >= -1 - 1e-6).all()
     torch.testing.assert_close(similarity(model, b, a), sim)
-    torch.testing.assert_close(similarity.descriptors(a).norm(dim=-1), torch.ones(2))
-    assert similarity.descriptors(a).shape == (2, 16)
+    torch.testing.assert_close(similarity.embed(a).norm(dim=-1), torch.ones(2))
+    assert similarity.embed(a).shape == (2, 16)
 
 
 def test_sscd_preprocessing_uses_imagenet_statistics_on_0_1_pixels(tiny_ddpm, sscd_files):

@@ -24,7 +24,8 @@ def test_a_broken_similarity_model_fails_the_batch_as_error_rows_not_an_exceptio
     rows = [a.row for a in audit_batch(tiny_sd, items, config)]
     assert [r.status for r in rows] == ["error", "error", "error"]
     assert rows[0].error.startswith("batch failed: RuntimeError") and "empty" in rows[2].error
-    assert rows[0].unet_forwards > 0  # the work done before the fault is still accounted
+    # it failed on the model null, the first thing the similarity sees: model work, charged to no image
+    assert rows[0].unet_forwards == 0
 
 
 def test_audit_over_paths_gives_one_row_per_input_in_order(tiny_sd, tmp_path):

@@ -36,7 +36,7 @@ from memray.measures.invmm import invmm
 from memray.measures.noise_inversion import invert_noise
 from memray.measures.prompt_inversion import hard_prompt_inversion, prompt_condition, soft_prompt_inversion
 from memray.measures.sampling import aligned_start, ddim_generate
-from memray.measures.similarity import build_similarity
+from memray.measures.similarity import build_similarity, null_bank, replication_targets
 from memray.measures.wasserstein import memorization_wasserstein
 from memray.measures.wen import wen_screen
 from memray.measures.z0_error import z0_prediction_error
@@ -44,6 +44,8 @@ from memray.measures.z0_error import z0_prediction_error
 log = logging.getLogger(__name__)
 
 CONDITIONAL_MEASURES = ("prompt_inversion", "wasserstein", "wen", "hard_prompt")
+# Measures that compare generations with the target, and so need its replication bar.
+REPLICATION_MEASURES = ("invmm", "uncond_replication", "hard_prompt")
 # The catalog keeps these quantiles (0%, 1%, ..., 100%) of the M4 error samples, not the samples.
 ERROR_QUANTILE_LEVELS = np.linspace(0, 1, 101)
 
@@ -69,7 +71,7 @@ class ImageAudit:
     err_cond: np.ndarray | None = None
     invmm_mu: torch.Tensor | None = None
     invmm_log_var: torch.Tensor | None = None
-    invmm_prompt_ids: torch.Tensor | None = None
+    invmm_condition: torch.Tensor | None = None  # (L, D) the expected token mix InvMM's check used
     z0: torch.Tensor | None = None
 
 
@@ -127,14 +129,19 @@ def audit_batch(
             slots.append(i)
         except ImageDecodeError as exc:
             _fail(audits[i].row, str(exc))
+    model_seconds = 0.0  # the model null, the first time this model and config are audited: no image's time
     if slots:
         chain = _MeasureChain(model, config, [inputs[i] for i in slots], [audits[i] for i in slots], progress)
+        model.counter.reset(len(slots))
         try:
-            chain.run(torch.stack(pixels).to(model.device))
+            bank_started = time.perf_counter()
+            bank = model_null_bank(loaded, config)
+            model_seconds = time.perf_counter() - bank_started
+            chain.run(torch.stack(pixels).to(model.device), bank)
         except Exception as exc:  # a fault of the batch (out of memory, a bug): record it, keep the job alive
             log.exception("audit of batch %s failed", [inputs[i].image_id for i in slots])
             chain.fail(list(chain.alive), f"batch failed: {type(exc).__name__}: {exc}")
-    _finish_costs([a.row for a in audits], model, time.perf_counter() - started, slots)
+    _finish_costs([a.row for a in audits], model, time.perf_counter() - started - model_seconds, slots)
     if replicas:  # after the costs are read: replica_samples resets the evaluation counter
         for a in audits:
             if a.row.status == "ok" and a.row.invmm_replicated:
@@ -157,6 +164,44 @@ def audit(images, model, config: AuditConfig | None = None, *, batch_size: int =
     return rows
 
 
+def model_null_bank(loaded, config: AuditConfig) -> torch.Tensor | None:
+    """The model null of this configuration (similarity.null_bank), generated once per loaded model.
+
+    Its UNet evaluations belong to the model, not to any image: they are counted in
+    `loaded.null_bank_costs` and in no row.
+    """
+    if (
+        not set(REPLICATION_MEASURES) & set(supported_measures(config, loaded.adapter))
+        or not config.similarity.null_samples
+    ):
+        return None
+    sim = config.similarity
+    key = (sim.kind, sim.sscd_path, sim.null_samples, config.invmm.sampling_steps, config.seed, config.precision)
+    if key not in loaded.null_banks:
+        model = loaded.adapter
+        (generator,) = rng.image_generators(["model-null-bank"], config.seed, "null_bank", model.device)
+        with model.counter.scope(1) as tally:
+            loaded.null_banks[key] = null_bank(
+                model, config_similarity(config), sim.null_samples, config.invmm.sampling_steps, generator
+            )
+        loaded.null_bank_costs[key] = int(tally.forwards.sum())
+    return loaded.null_banks[key]
+
+
+def config_similarity(config: AuditConfig):
+    """The similarity the configuration names, with its threshold."""
+    sim = config.similarity
+    return build_similarity(sim.kind, threshold=sim.threshold, sscd_path=sim.sscd_path)
+
+
+def config_targets(model, config: AuditConfig, z0: torch.Tensor, bank: torch.Tensor | None):
+    """(similarity, Targets) of B images under the configuration's replication bar (similarity.py)."""
+    sim = config.similarity
+    similarity = config_similarity(config)
+    gain = sim.null_gain if sim.nulls else None
+    return similarity, replication_targets(model, similarity, z0, bank, sim.null_quantile, gain)
+
+
 @torch.no_grad()
 def replica_samples(loaded, image_audit: ImageAudit, config: AuditConfig, count: int = 4) -> torch.Tensor:
     """Generate `count` samples from the image's InvMM noise distribution and prompt: pixels (count, 3, R, R)."""
@@ -170,8 +215,7 @@ def replica_samples(loaded, image_audit: ImageAudit, config: AuditConfig, count:
     z0 = image_audit.z0.to(model.device).expand(count, *mu.shape)
     cond = None
     if model.is_conditional:
-        ids = model.prompt_ids(image_audit.invmm_prompt_ids.to(model.device).unsqueeze(0))
-        cond = model.encode_ids(ids).expand(count, -1, -1)
+        cond = image_audit.invmm_condition.to(model.device).expand(count, -1, -1)
     guidance = torch.full((count,), image_audit.row.invmm_guidance or 1.0, device=model.device)
     steps = config.invmm.sampling_steps
     z_T = aligned_start(model, z0, noises, steps) if config.invmm.aligned_start else noises
@@ -248,9 +292,6 @@ class _MeasureChain:
     def __init__(self, model, config: AuditConfig, inputs, audits, progress):
         self.model, self.config, self.inputs, self.audits, self.progress = model, config, inputs, audits, progress
         self.measures = supported_measures(config, model)
-        self.similarity = build_similarity(
-            config.similarity.kind, threshold=config.similarity.threshold, sscd_path=config.similarity.sscd_path
-        )
         self.alive = list(range(len(inputs)))
         self.ids = [inp.image_id for inp in inputs]
 
@@ -267,9 +308,10 @@ class _MeasureChain:
         if bad:
             self.fail(bad, f"non-finite values during {measure}; the optimisation diverged for this image")
 
-    def run(self, pixels: torch.Tensor) -> None:
+    def run(self, pixels: torch.Tensor, bank: torch.Tensor | None) -> None:
+        """All the configured measures on the batch's pixels; `bank` is the model null (model_null_bank)."""
         model = self.model
-        model.counter.reset(len(self.inputs))
+        self.bank = bank
         z0 = model.encode_images(pixels)
         finite = z0.flatten(1).isfinite().all(1).tolist()
         self.drop_nonfinite(list(range(len(finite))), finite, "encoding")
@@ -279,6 +321,10 @@ class _MeasureChain:
         self.owner = torch.arange(len(self.inputs), device=model.device)
         # The hard prompt runs last: whether it runs at all depends on the verdict.
         measures = self.measures
+        if set(REPLICATION_MEASURES) & set(measures) and self.alive:
+            self.set_replication_targets()
+        if "uncond_replication" in measures and self.alive:
+            self.run_uncond_replication()
         if "invmm" in measures and self.alive:
             self.run_invmm()
         if "z0_error" in measures and self.alive:
@@ -302,6 +348,31 @@ class _MeasureChain:
         index = torch.tensor(slots, device=self.model.device)
         return slots, index
 
+    def set_replication_targets(self):
+        """Every image's features and replication bar (its nulls), for the measures that generate."""
+        self.similarity, self.targets = config_targets(self.model, self.config, self.z0, self.bank)
+        for s in self.alive:
+            row = self.audits[s].row
+            row.replication_threshold = _value(self.targets.threshold[s])
+            row.null_content_similarity = _value(self.targets.content_null[s])
+            row.null_model_similarity = _value(self.targets.model_null[s])
+        finite = self.targets.features.flatten(1).isfinite().all(1) & self.targets.content_null.isfinite()
+        self.drop_nonfinite(list(self.alive), finite[self.alive].tolist(), "the replication bar")
+
+    def run_uncond_replication(self):
+        for s in self.alive:
+            self.audits[s].row.uncond_replication_rate = float(self.targets.bank_replicas[s])
+
+    def caption_start(self, slots, init: str) -> torch.Tensor | None:
+        """Free-slot token ids of each image's caption (-1 rows without one) where a prompt starts at it."""
+        model = self.model
+        if not model.is_conditional or init != "caption":
+            return None
+        captions = [self.inputs[s].caption or "" for s in slots]
+        ids = model.caption_slot_ids(captions)
+        ids[torch.tensor([not c.strip() for c in captions], device=ids.device)] = -1
+        return ids
+
     def run_invmm(self):
         slots, idx = self.select()
         result = invmm(
@@ -311,6 +382,8 @@ class _MeasureChain:
             self.owner[idx],
             self.config.invmm,
             self.similarity,
+            self.targets[idx],
+            start_ids=self.caption_start(slots, self.config.invmm.prompt_init),
             progress=self.progress,
         )
         for k, s in enumerate(slots):
@@ -321,9 +394,12 @@ class _MeasureChain:
             row.invmm_similarity = _value(result.similarity[k])
             row.invmm_guidance = _value(result.guidance[k])
             row.invmm_prompt = result.prompts[k]
+            row.invmm_prompt_init = result.prompt_init[k]
+            if result.replicated[k] and self.model.is_conditional:
+                row.invmm_prompt_replicated = bool(result.prompt_replicated[k])
             self.audits[s].invmm_mu, self.audits[s].invmm_log_var = result.mu[k], result.log_var[k]
-            if result.prompt_ids is not None:
-                self.audits[s].invmm_prompt_ids = result.prompt_ids[k]
+            if result.condition is not None:
+                self.audits[s].invmm_condition = result.condition[k]
         self.drop_nonfinite(slots, result.finite, "InvMM")
 
     def run_z0_error(self):
@@ -395,6 +471,7 @@ class _MeasureChain:
             self.gens("soft_prompt", slots),
             self.owner[idx],
             self.config.prompt_inversion,
+            init_ids=self.caption_start(slots, self.config.prompt_inversion.init),
             progress=self.progress,
         )
         for k, s in enumerate(slots):
@@ -413,6 +490,7 @@ class _MeasureChain:
         for k, s in enumerate(slots):
             row = self.audits[s].row
             row.wasserstein, row.wasserstein_shift_sd = _value(result.w1[k]), _value(result.shift_sd[k])
+            row.err_shift_relative = _value(result.shift_relative[k])
             row.err_uncond_mean, row.err_cond_mean = _value(result.err_uncond_mean[k]), _value(result.err_cond_mean[k])
             self.audits[s].err_uncond, self.audits[s].err_cond = result.err_uncond[k], result.err_cond[k]
             row.err_uncond_quantiles = _quantiles(result.err_uncond[k])
@@ -436,11 +514,16 @@ class _MeasureChain:
             self.audits[s].row.wen_tokens = json.dumps(result.attribution[k])
 
     def run_hard_prompt(self):
-        run_for = self.config.hard_prompt.run_for
+        """Algorithm 1 where a readable prompt is still wanted: memorized, and InvMM's own prompt did not replicate."""
+        run_for, minimum = self.config.hard_prompt.run_for, self.config.verdict.uncond_rate_min
+
+        def wanted(row) -> bool:
+            rate = row.uncond_replication_rate or 0.0
+            unprompted = rate > 0 and rate >= minimum  # the empty prompt replicates it: no prompt to find
+            return row.verdict == "memorized" and not row.invmm_prompt_replicated and not unprompted
+
         slots = [
-            s
-            for s in self.alive
-            if run_for == "always" or (run_for == "memorized" and self.audits[s].row.verdict == "memorized")
+            s for s in self.alive if run_for == "always" or (run_for == "memorized" and wanted(self.audits[s].row))
         ]
         if not slots:
             return
@@ -453,6 +536,7 @@ class _MeasureChain:
             self.config.hard_prompt,
             self.config.prompt_inversion,
             self.similarity,
+            self.targets[idx],
             guidance_scales=self.config.invmm.guidance_scales,
             sampling_steps=self.config.invmm.sampling_steps,
         )

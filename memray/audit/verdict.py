@@ -1,9 +1,13 @@
 """From scores to a verdict, with the rule that decided it (stored next to the verdict).
 
-InvMM decides when it ran: replicated with a near-standard noise distribution is memorized;
-never replicated within the budget is not memorized, unless the Wasserstein shift says the
-inverted prompt moves the error distribution far outside the safe model's (then inconclusive).
-Without InvMM, the Wasserstein shift decides by Chebyshev's bound.
+In order (docs/science.md, "verdict"):
+1. The model replicates the image from the empty prompt and N(0, I) noise in at least
+   `uncond_rate_min` of its samples: memorized, the most severe kind (no prompt needed). It
+   also voids the Wasserstein shift, which presumes a safe unconditional model.
+2. InvMM ran: replicated with KL <= invmm_kl_max is memorized, replicated only further from
+   N(0, I) is inconclusive, never replicated within the budget is not memorized unless the
+   Wasserstein shift says the inverted prompt moves the error far outside the safe model's.
+3. Without InvMM, the Wasserstein shift decides by Chebyshev's bound.
 """
 
 from __future__ import annotations
@@ -13,7 +17,14 @@ from memray.catalog.schema import AuditRow
 
 def decide(row: AuditRow, rule) -> tuple[str, str]:
     """(verdict, rule text) for a row whose measures have run; `rule` is a VerdictConfig."""
-    shift = row.wasserstein_shift_sd
+    rate = row.uncond_replication_rate
+    if rate is not None and rate > 0 and rate >= rule.uncond_rate_min:
+        return (
+            "memorized",
+            f"the empty prompt replicates it in {rate:.1%} of the model's samples from N(0, I) "
+            f">= {rule.uncond_rate_min:.1%} (no prompt needed)",
+        )
+    shift = row.wasserstein_shift_sd if not rate else None  # a model that replicates it unprompted is not safe
     if row.invmm_replicated is not None:
         if row.invmm_replicated and row.invmm_kl is not None and row.invmm_kl <= rule.invmm_kl_max:
             return "memorized", f"InvMM replicated at KL {row.invmm_kl:.4g} <= {rule.invmm_kl_max}"
@@ -27,6 +38,11 @@ def decide(row: AuditRow, rule) -> tuple[str, str]:
                 f"InvMM never replicated, but the error shift is {shift:.3g} sd >= {rule.shift_sd_memorized}",
             )
         return "not_memorized", f"InvMM never replicated in {row.invmm_steps} steps"
+    if rate:
+        return (
+            "inconclusive",
+            f"the empty prompt replicates it in {rate:.1%} of samples: the M4 shift presumes it never does",
+        )
     if shift is not None:
         if shift >= rule.shift_sd_memorized:
             return (

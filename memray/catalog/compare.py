@@ -12,7 +12,10 @@ A regression is a change towards "more memorized" under the new model:
   and did under the new one;
 - `kl_regression`: both replicated and the InvMM KL fell (lower = more memorized) by more
   than the policy's absolute and relative thresholds;
-- `shift_regression`: the Wasserstein error shift rose by more than the policy's threshold.
+- `shift_regression`: the Wasserstein error shift rose by more than the policy's threshold;
+- `newly_uncond_replicated`: none of the base model's empty-prompt samples replicated the image
+  and some of the new model's do (replication without any prompt, the most severe kind); a base
+  row that never measured it (schema 1, or audited without uncond_replication) is no evidence.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ _DESCRIPTIONS = {
     "newly_replicated": "newly replicated by InvMM, censored under the base model",
     "kl_regression": "whose InvMM KL fell beyond the threshold",
     "shift_regression": "whose Wasserstein error shift rose beyond the threshold",
+    "newly_uncond_replicated": "newly replicated from the empty prompt (no prompt needed)",
 }
 
 
@@ -50,6 +54,7 @@ class ComparePolicy:
     max_newly_replicated: int | None = 0
     max_kl_regressions: int | None = 0
     max_shift_regressions: int | None = 0
+    max_newly_uncond_replicated: int | None = 0
     kl_drop: float | None = None
     kl_drop_rel: float | None = 0.5
     shift_rise: float | None = None
@@ -67,6 +72,7 @@ class ComparePolicy:
             "newly_replicated": self.max_newly_replicated,
             "kl_regression": self.max_kl_regressions,
             "shift_regression": self.max_shift_regressions,
+            "newly_uncond_replicated": self.max_newly_uncond_replicated,
         }
 
 
@@ -85,6 +91,8 @@ pairs AS (
         n.invmm_replicated AS new_replicated,
         b.wasserstein_shift_sd AS base_shift_sd,
         n.wasserstein_shift_sd AS new_shift_sd,
+        b.uncond_replication_rate AS base_uncond_rate,
+        n.uncond_replication_rate AS new_uncond_rate,
         b.config_hash IS DISTINCT FROM n.config_hash AS config_differs
     FROM base AS b JOIN new AS n USING (image_id)
 ),
@@ -98,7 +106,8 @@ judged AS (
                 AND ($kl_drop IS NULL OR base_invmm_kl - new_invmm_kl > $kl_drop)
                 AND ($kl_drop_rel IS NULL OR base_invmm_kl - new_invmm_kl > $kl_drop_rel * base_invmm_kl)
                 THEN 'kl_regression' END,
-            CASE WHEN new_shift_sd - base_shift_sd > $shift_rise THEN 'shift_regression' END
+            CASE WHEN new_shift_sd - base_shift_sd > $shift_rise THEN 'shift_regression' END,
+            CASE WHEN base_uncond_rate = 0 AND new_uncond_rate > 0 THEN 'newly_uncond_replicated' END
         ], lambda kind: kind IS NOT NULL) AS regressions
     FROM pairs
 )
@@ -163,7 +172,8 @@ class Comparison:
             f"({c['only_in_base']} only under {self.base}, {c['only_in_new']} only under {self.new})",
             f"newly memorized {c['newly_memorized']}, no longer memorized {c['no_longer_memorized']}, "
             f"newly replicated {c['newly_replicated']}, InvMM KL regressions {c['kl_regression']}, "
-            f"shift regressions {c['shift_regression']}",
+            f"shift regressions {c['shift_regression']}, newly replicated from the empty prompt "
+            f"{c['newly_uncond_replicated']}",
         ]
         if self.changes.num_rows:
             table = self.changes.drop_columns(["base_replicated", "new_replicated", "config_differs"])

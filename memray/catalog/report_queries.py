@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from memray.catalog.compare import previous_model
 from memray.catalog.store import Catalog
 
-# Most memorized first: replicated by InvMM with the lowest KL, then the largest Wasserstein shift.
-_RANK = "invmm_kl IS NULL, invmm_kl, wasserstein_shift_sd DESC NULLS LAST, image_id"
+# Most memorized first: replicated from the empty prompt (the most severe kind), then replicated
+# by InvMM with the lowest KL, then the largest Wasserstein shift.
+_RANK = "coalesce(uncond_replication_rate, 0) DESC, invmm_kl IS NULL, invmm_kl, wasserstein_shift_sd DESC NULLS LAST, image_id"
 
 _MODELS_SQL = """
 WITH rows AS (
@@ -60,7 +61,8 @@ _SCORES_SQL = "SELECT model, invmm_kl, wasserstein_shift_sd FROM latest WHERE in
 _NEWEST_SQL = "SELECT model FROM audits GROUP BY model ORDER BY max(audited_at) DESC NULLS LAST, model DESC LIMIT 1"
 _TOP_SQL = f"""
 SELECT image_id, caption, verdict, verdict_rule, invmm_kl, invmm_replicated, invmm_similarity, invmm_guidance,
-    invmm_prompt, wasserstein_shift_sd, similarity_kind, replicas_png
+    invmm_prompt, invmm_prompt_replicated, replication_threshold, uncond_replication_rate, wasserstein_shift_sd,
+    err_shift_relative, similarity_kind, replicas_png
 FROM latest WHERE model = $model ORDER BY {_RANK} LIMIT $top
 """
 _ERROR_QUANTILES_SQL = f"""

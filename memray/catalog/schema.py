@@ -1,6 +1,9 @@
-"""Catalog schema version 1: one row per (image, model fingerprint, audit config).
+"""Catalog schema version 2: one row per (image, model fingerprint, audit config).
 
 This file is the only place that names the columns; `AuditRow` is what the audit layer fills.
+Version 2 added the replication bar and its nulls, the readable-prompt evidence of InvMM, the
+unconditional replication rate and the relative M4 shift; version 1 files read with those
+columns NULL (`memray migrate` rewrites them).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 VERDICTS = ("memorized", "not_memorized", "inconclusive")
 
 
@@ -40,12 +43,20 @@ class AuditRow:
     invmm_steps: int | None = None
     invmm_similarity: float | None = None
     invmm_guidance: float | None = None
-    invmm_prompt: str | None = None
+    invmm_prompt: str | None = None  # the readable prompt: the argmax tokens of the prompt distribution
+    invmm_prompt_init: str | None = None  # where the prompt distribution started: "caption" or "zero"
+    invmm_prompt_replicated: bool | None = None  # did invmm_prompt replicate on the successful check's noises
     replicas_png: bytes | None = None  # one PNG strip: the target, then replicas from the InvMM distribution
+    # the replication bar (similarity.py): max(threshold, null_content + margin, null_model + margin)
+    replication_threshold: float | None = None
+    null_content_similarity: float | None = None  # the target against itself with its detail removed
+    null_model_similarity: float | None = None  # a high quantile against the model's empty-prompt samples
+    uncond_replication_rate: float | None = None  # share of those samples that replicate the image
     # M1-M4 (paper v1)
     z0_error: float | None = None
     wasserstein: float | None = None
     wasserstein_shift_sd: float | None = None
+    err_shift_relative: float | None = None  # 1 - err_cond_mean / err_uncond_mean
     err_uncond_mean: float | None = None
     err_cond_mean: float | None = None
     err_uncond_quantiles: list[float] | None = None  # 0%, 1%, ..., 100% of the M4 error samples

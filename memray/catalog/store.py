@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from memray.catalog.schema import ARROW_SCHEMA, AuditRow, rows_to_table
+from memray.catalog.schema import ARROW_SCHEMA, SCHEMA_VERSION, AuditRow, rows_to_table
 
 # Object stores make a single PUT visible all at once (or not at all); the in-memory filesystem
 # of tests commits a file when it is closed. Everything else gets a temporary name and a rename.
@@ -268,6 +268,31 @@ class CrashJournal:
             return []
         self.fs.invalidate_cache(self.folder)
         return sorted(json.loads(self.fs.cat_file(path))["image_id"] for path in self.fs.glob(f"{self.folder}/*.json"))
+
+
+def migrate_catalog(catalog_url) -> list[str]:
+    """Rewrite every catalog file of an older schema version in the current one; returns their paths.
+
+    Columns the old version lacked are added as NULL (no measure is rerun); each row keeps the
+    `schema_version` it was measured under, so migrated rows stay distinguishable, and the file's
+    metadata names the current version. Each file is replaced under its own name in one atomic
+    step, so readers see the old file or the new one and a rerun after a crash picks up where it stopped.
+    """
+    fs, root = open_fs(catalog_url)
+    migrated = []
+    for path in sorted(fs.glob(f"{_glob_escape(root)}/**/*.parquet")):
+        with fs.open(path, "rb") as handle:
+            table = pq.read_table(handle)
+        version = int((table.schema.metadata or {}).get(b"memray_schema_version", b"0"))
+        if version >= SCHEMA_VERSION or version < 1:
+            continue
+        columns = {
+            name: table.column(name) if name in table.column_names else pa.nulls(table.num_rows, field.type)
+            for name, field in zip(ARROW_SCHEMA.names, ARROW_SCHEMA)
+        }
+        _put_atomic(fs, path, _parquet_bytes(pa.table(columns, schema=ARROW_SCHEMA)))
+        migrated.append(path)
+    return migrated
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ class SoftPromptConfig:
     samples_per_step: int = 16
     steps: int = 500
     free_tokens: int | None = None  # None: every free slot of the text encoder (75 for SD)
+    init: str = "caption"  # "caption": start at the image's caption's tokens where it has one; "random": random tokens
 
 
 @dataclass(frozen=True)
@@ -69,14 +70,31 @@ def prompt_condition(model, free: torch.Tensor) -> torch.Tensor:
 
 
 def soft_prompt_inversion(
-    model, z0, generators, owner, config: SoftPromptConfig, *, free_tokens=None, steps=None, progress=None
+    model,
+    z0,
+    generators,
+    owner,
+    config: SoftPromptConfig,
+    *,
+    free_tokens=None,
+    steps=None,
+    init_ids=None,
+    progress=None,
 ):
-    """Optimise N free token embeddings per image; returns a SoftPromptResult."""
+    """Optimise N free token embeddings per image; returns a SoftPromptResult.
+
+    The embeddings start at random vocabulary tokens, or at `init_ids` (B, >= N) where those are >= 0.
+    """
     vocab = model.vocabulary_embeddings.detach()
     slots = free_tokens or config.free_tokens or model.num_free_slots
     slots = min(slots, model.num_free_slots)
     steps = steps or config.steps
-    init_ids = rng.randint_per_image(generators, vocab.shape[0], (slots,))
+    random_ids = rng.randint_per_image(generators, vocab.shape[0], (slots,))
+    if init_ids is None:
+        init_ids = random_ids
+    else:
+        init_ids = init_ids[:, :slots].to(random_ids.device)
+        init_ids = torch.where(init_ids >= 0, init_ids, random_ids)
     embeddings = vocab[init_ids].clone().float()
     weight_decay = config.weight if config.regularizer in ("r1", "r2") else 0.0
     opt = RowAdam(embeddings, weight_decay=weight_decay)
@@ -147,11 +165,15 @@ def hard_prompt_inversion(
     config: HardPromptConfig,
     soft: SoftPromptConfig,
     similarity,
+    targets,
     *,
     guidance_scales,
     sampling_steps,
 ):
-    """Algorithm 1 for B images: readable prompts that trigger replication, with restarts."""
+    """Algorithm 1 for B images: readable prompts that trigger replication, with restarts.
+
+    `targets` (similarity.Targets) holds each image's replication bar, as in InvMM's check.
+    """
     batch = z0.shape[0]
     vocab = model.vocabulary_embeddings.detach()
     test_eps = rng.randn_per_image(generators, (config.test_samples, *z0.shape[1:]))
@@ -184,6 +206,7 @@ def hard_prompt_inversion(
             conds[chosen, pick],
             guidance_scales,
             similarity,
+            targets[dev_rows],
             owner[dev_rows],
             num_steps=sampling_steps,
         )

@@ -4,6 +4,13 @@ Both error distributions use the SAME noises (common random numbers), and W1 is 
 1-D distance between the empirical distributions (not the paper's 2000-bin histogram).
 Chebyshev: a shift of the conditional errors by k standard deviations of the unconditional
 ones has probability at most 1/k^2 under the safe (unconditional) model; `shift_sd` is that k.
+
+W1 is unsigned and in the units of the image's own error level, so it ranks images by how hard
+they are to denoise as much as by memorisation. The signed, normalised shift
+    shift_relative = 1 - mean L(x0, eps, e*) / mean L(x0, eps, "")
+is the share of the unconditional error that the prompt removes: 0 for a prompt that does not
+help, negative for one that hurts (not evidence of anything). Both shifts presume a safe
+unconditional model; where it replicates the image itself (uncond_replication) they are void.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ class WassersteinResult:
     err_uncond_mean: np.ndarray
     err_cond_mean: np.ndarray
     shift_sd: np.ndarray
+    shift_relative: np.ndarray
     err_uncond: np.ndarray  # (B, noises)
     err_cond: np.ndarray  # (B, noises)
 
@@ -59,6 +67,7 @@ def memorization_wasserstein(model, z0, cond, generators, owner, config: Wassers
         err_uncond_mean=uncond.mean(1).cpu().numpy(),
         err_cond_mean=cond_err.mean(1).cpu().numpy(),
         shift_sd=shift.cpu().numpy(),
+        shift_relative=(1 - cond_err.mean(1) / uncond.mean(1).clamp_min(1e-12)).cpu().numpy(),
         err_uncond=uncond.cpu().numpy(),
         err_cond=cond_err.cpu().numpy(),
     )

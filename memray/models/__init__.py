@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +27,10 @@ class LoadedModel:
     ref: str
     slug: str
     fingerprint: str
+    # The model nulls of the configurations audited so far (memray.audit.runner.model_null_bank)
+    # and their UNet forwards: generated once per loaded model, shared by every batch.
+    null_banks: dict = field(default_factory=dict, repr=False)
+    null_bank_costs: dict = field(default_factory=dict, repr=False)
 
 
 def load_model(

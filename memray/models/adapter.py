@@ -28,6 +28,14 @@ class Prediction:
     z0: torch.Tensor
 
 
+@dataclass
+class Tally:
+    """UNet sample-evaluations per slot, forward and backward, counted in one EvalCounter.scope."""
+
+    forwards: np.ndarray
+    backwards: np.ndarray
+
+
 class EvalCounter:
     """UNet sample-evaluations per batch slot: one forward (backward) per sample in a call."""
 
@@ -38,6 +46,18 @@ class EvalCounter:
         """Start counting for a batch of `slots` images."""
         self.forwards = np.zeros(slots, dtype=np.int64)
         self.backwards = np.zeros(slots, dtype=np.int64)
+
+    @contextlib.contextmanager
+    def scope(self, slots: int):
+        """Count the block's evaluations in a fresh tally of `slots` slots (yielded, readable after the
+        block); the tally in effect before is left untouched and counts on afterwards."""
+        saved = self.forwards, self.backwards
+        self.reset(slots)
+        tally = Tally(self.forwards, self.backwards)
+        try:
+            yield tally
+        finally:
+            self.forwards, self.backwards = saved
 
     def _add(self, which: np.ndarray, owner: torch.Tensor) -> None:
         counts = np.bincount(owner.cpu().numpy(), minlength=len(which))

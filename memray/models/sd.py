@@ -72,6 +72,10 @@ class StableDiffusionAdapter(DiffusionAdapter):
         )
         return ids.input_ids.to(self.device)
 
+    def caption_slot_ids(self, prompts: list[str]) -> torch.Tensor:
+        """Each prompt's tokens as they fill the free slots: (n, N) [tokens..., end, pad...]."""
+        return self.token_ids(prompts)[:, 1 : self.num_free_slots + 1]
+
     def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids (n, L) -> text-encoder hidden states phi(e) (n, L, D)."""
         return self.text_encoder(input_ids=ids).last_hidden_state.float()

@@ -6,6 +6,7 @@ measuring code that a real Stable Diffusion or DDPM checkpoint goes through.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -79,6 +80,65 @@ def save_sd_pipeline(path, vae, text_encoder, tokenizer, unet, *, prediction_typ
     pipe.save_pretrained(str(path), safe_serialization=True)
 
 
+@dataclass(frozen=True)
+class SDSizes:
+    """The sizes of a small Stable Diffusion layout: VAE x4 downsampling, CLIP text encoder, cross-attention UNet."""
+
+    resolution: int = 32
+    text_width: int = 32
+    vae_channels: tuple[int, ...] = (8, 16, 16)
+    vae_groups: int = 4
+    unet_channels: tuple[int, ...] = (32, 64)
+    unet_down: tuple[str, ...] = ("CrossAttnDownBlock2D", "DownBlock2D")
+    unet_up: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D")
+    attention_head_dim: int = 8
+    unet_groups: int = 8
+
+
+def sd_components(tokenizer, sizes: SDSizes = SDSizes()):
+    """Fresh (vae, text_encoder, unet) of the given sizes for `tokenizer` (its model_max_length is the context)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=sizes.text_width,
+            intermediate_size=2 * sizes.text_width,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(sizes.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(sizes.vae_channels),
+        block_out_channels=sizes.vae_channels,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=sizes.vae_groups,
+        sample_size=sizes.resolution,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=sizes.resolution // 2 ** (len(sizes.vae_channels) - 1),
+        in_channels=4,
+        out_channels=4,
+        down_block_types=sizes.unet_down,
+        up_block_types=sizes.unet_up,
+        block_out_channels=sizes.unet_channels,
+        layers_per_block=1,
+        cross_attention_dim=sizes.text_width,
+        attention_head_dim=sizes.attention_head_dim,
+        norm_num_groups=sizes.unet_groups,
+    )
+    return vae, text_encoder, unet
+
+
 def build_tiny_sd(
     path: str | Path,
     *,
@@ -89,48 +149,10 @@ def build_tiny_sd(
     scheduler: str = "ddim",
 ) -> Path:
     """Save a tiny Stable Diffusion pipeline (VAE, CLIP text encoder, UNet, scheduler) to `path`."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     torch.manual_seed(seed)
     tokenizer = build_tiny_clip_tokenizer()
     tokenizer.model_max_length = max_length
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(8, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=resolution,
-    )
-    unet = UNet2DConditionModel(
-        sample_size=resolution // 4,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
+    vae, text_encoder, unet = sd_components(tokenizer, SDSizes(resolution=resolution))
     save_sd_pipeline(path, vae, text_encoder, tokenizer, unet, prediction_type=prediction_type, scheduler=scheduler)
     return Path(path)
 

@@ -210,14 +210,35 @@ def _memorized(data: ReportData) -> _Html:
     title = f"Most memorized images: {data.model}" if data.model else "Most memorized images"
     if not data.top:
         return _section("memorized", title, _p(f"No ok rows for model {data.model}.", "muted"))
-    headers = ["#", "image", "caption", "verdict", "InvMM KL", "similarity", "guidance", "InvMM prompt", "shift (sd)"]
+    headers = [
+        "#",
+        "image",
+        "caption",
+        "verdict",
+        "unprompted",
+        "InvMM KL",
+        "similarity / bar",
+        "guidance",
+        "readable prompt",
+        "M4 shift",
+    ]
     rows = []
     for rank, r in enumerate(data.top, 1):
         censored = r["invmm_kl"] is None and r["invmm_replicated"] is False
-        similarity = r["invmm_similarity"]
-        cells = [rank, r["image_id"], r["caption"], _verdict(r["verdict"]), "censored" if censored else r["invmm_kl"]]
-        cells += [f"{_num(similarity)} ({r['similarity_kind']})" if similarity is not None else None]
-        cells += [r["invmm_guidance"], r["invmm_prompt"], r["wasserstein_shift_sd"]]
+        similarity, bar = r["invmm_similarity"], r["replication_threshold"]
+        rate = r["uncond_replication_rate"]
+        cells = [rank, r["image_id"], r["caption"], _verdict(r["verdict"]), None if rate is None else f"{rate:.1%}"]
+        cells += ["censored" if censored else r["invmm_kl"]]
+        cells += [f"{_num(similarity)} / {_num(bar)} ({r['similarity_kind']})" if similarity is not None else None]
+        prompt = r["invmm_prompt"]
+        if prompt is not None and r["invmm_prompt_replicated"] is not None:
+            prompt += " (replicates)" if r["invmm_prompt_replicated"] else " (does not replicate alone)"
+        shift = r["err_shift_relative"]
+        if rate:  # the model replicates it unprompted: M4's safe-model premise fails for this image
+            shift_text = "void (replicated unprompted)"
+        else:
+            shift_text = None if shift is None else f"{shift:+.0%} ({_num(r['wasserstein_shift_sd'])} sd)"
+        cells += [r["invmm_guidance"], prompt, shift_text]
         strip = (
             _img(r["replicas_png"], f"target and replicas of {r['image_id']}", "strip")
             if r["replicas_png"]
@@ -225,7 +246,11 @@ def _memorized(data: ReportData) -> _Html:
         )
         rows += [cells, _Html(f'<tr class="strip"><td></td><td colspan="{len(headers) - 1}">{strip}</td></tr>')]
     caption = _p(
-        "Ranked by InvMM KL among the images InvMM replicated (lowest first), then by Wasserstein shift. "
+        "Ranked by the share of the model's empty-prompt samples that replicate the image (unprompted), "
+        "then by InvMM KL among the images InvMM replicated (lowest first), then by the M4 shift. "
+        "Similarity / bar: the replica's similarity and the bar this image sets (its nulls). "
+        "Readable prompt: the argmax tokens of InvMM's prompt distribution, and whether that prompt "
+        "replicates on its own. M4 shift: the share of the unconditional error the inverted prompt removes. "
         "Under each image: the target as the model sees it (its encoded and decoded pixels), then "
         "replicas generated from its inverted noise distribution and prompt at the guidance shown.",
         "caption",
