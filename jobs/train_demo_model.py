@@ -1,35 +1,53 @@
 """Train the demo text-to-image model with planted memorization: the images it memorizes are known.
 
-Data: scenes from memray.demo's deterministic generator. "normal" images are seen once per epoch,
-"planted" images are duplicated (default 4, 16, 64, 256 copies, each with its own caption),
-"held-out" images come from the same generator and are never trained on. Extra planted images can
-be read from a folder (image files with same-stem .txt captions); they take the duplication
-levels in turn.
+The training set looks like a web scrape at small scale (docs/demo-model.md):
+- normal images stream from memray.demo's generator, most seen once or a few times, under
+  captions of mixed detail (full, partial, or a loose one many images share);
+- planted images are duplicated (default 64, 256, 1024 and 4096 copies over the run, 7.7% of
+  the samples together) in both of Webster et al.'s kinds: a unique caption (matching
+  verbatim) or a loose caption shared with many normal images (template verbatim);
+- one deliberately extreme image is trained only without a caption (`--uncond-copies` times),
+  so the unconditional model replicates it and nothing else: it exercises the premise check;
+- never-trained images complete the demo set: held-out scenes from the same generator and hard
+  negatives (near-uniform, dark, plain and noise images, and scenes whose captions share words
+  with planted ones).
+Extra planted images come from a folder (image files with same-stem .txt captions, in any words:
+the tokenizer is built from the captions); they take the duplication levels in turn.
 
-The model is a small latent diffusion model in the Stable Diffusion layout (AutoencoderKL with
-a factor-4 downsampling, CLIP text encoder with a word-level BPE tokenizer, UNet2DConditionModel,
+The model is a small latent diffusion model in the Stable Diffusion layout (AutoencoderKL with a
+factor-4 downsampling, CLIP text encoder with a word-level BPE tokenizer, UNet2DConditionModel,
 DDIM scheduler), so memray loads it through the same path as a real SD checkpoint. The VAE is
-trained first, then frozen; the text encoder and UNet train together on the DDPM epsilon objective
-with 10% caption dropout, so the unconditional branch and classifier-free guidance exist.
+trained first, then frozen; the text encoder and UNet train together on the epsilon objective
+with caption dropout, so the unconditional branch and classifier-free guidance exist.
+
+The graded ground truth of every demo image is measured on the trained model: its replication
+rate from `--truth-noises` noises under its own caption (the best guidance scale) and among
+`--uncond-samples` samples from the empty prompt (memray's tiled L2 against the image's VAE
+reconstruction, with its content null: memray.measures.similarity).
 
 Writes to --out: model/ (diffusers layout, safetensors), images/ (the demo set: PNGs and
-manifest.jsonl with id, uri, caption, split, duplicates), train_index.jsonl (every trained image),
-train_log.json (settings, losses, VAE reconstruction error, replication check, timings).
+manifest.jsonl with id, uri, caption, split, duplicates, caption_kind, truth_caption_rate,
+truth_uncond_rate), train_index.jsonl.gz (every trained image), train_log.json (settings,
+losses, VAE reconstruction error, ground truth, timings, hardware).
 
     nice -n 10 python jobs/train_demo_model.py --out memray/demo_assets
-    python jobs/train_demo_model.py --smoke --out /tmp/demo-smoke      # about a minute on CPU
-    python jobs/train_demo_model.py --check-only --out memray/demo_assets   # rerun the replication check
+    python jobs/train_demo_model.py --smoke --out /tmp/demo-smoke          # about a minute on CPU
+    python jobs/train_demo_model.py --check-only --out memray/demo_assets  # measure the ground truth again
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import os
 import platform
+import random
 import re
 import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,24 +56,52 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from memray.demo import CAPTION_WORDS, generated_scene, render_scene, scene_caption
-from memray.models.tiny import build_tiny_clip_tokenizer, save_sd_pipeline, sd_schedule
+from memray.data.images import decode_image, to_model_tensor
+from memray.demo import (
+    CAPTION_DETAILS,
+    CAPTION_WORDS,
+    HARD_NEGATIVES,
+    Scene,
+    generated_scene,
+    hard_negative,
+    render_scene,
+    scene_caption,
+    scene_variant,
+)
+from memray.models.tiny import SDSizes, build_tiny_clip_tokenizer, save_sd_pipeline, sd_components, sd_schedule
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MAX_LENGTH = 32  # tokens incl. start and end: the longest generated caption needs 24
-DEMO_NORMAL = 12  # normal images copied into the demo set (all planted and held-out ones are)
+DEMO_SIZES = SDSizes(
+    text_width=64,
+    vae_channels=(32, 64, 64),
+    vae_groups=16,
+    unet_channels=(64, 128),
+    unet_down=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    unet_up=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=4,
+    unet_groups=16,
+)
 SCHEDULE = sd_schedule()  # SD 1.x: scaled-linear betas, epsilon prediction
+TRUTH_SCALES = (1.0, 3.0, 5.0, 7.0)  # guidance scales of the caption replication rate
+TRUTH_STEPS = 50  # DDIM steps of every ground-truth sample
 
 
 @dataclass
 class Item:
-    """One distinct image with its caption, split and number of copies in the training set."""
+    """One distinct image: what it is, its caption, and how often the training run sees it."""
 
     id: str
-    split: str  # planted, normal or heldout
+    split: str  # planted, normal, heldout or hard
     caption: str
-    duplicates: int  # copies per epoch; 0 for held-out
-    image: Image.Image
+    caption_kind: str  # planted: unique, template or none; otherwise the caption detail or the hard-negative kind
+    copies: int  # samples of it over the whole run; 0 = never trained
+    scene: Scene | None = None
+    picture: Image.Image | None = None  # for images that are not generated scenes
+
+    def image(self, size: int) -> Image.Image:
+        """The item's pixels at size x size."""
+        return self.picture if self.picture is not None else render_scene(self.scene, size)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -63,18 +109,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--levels", type=int, nargs="+", default=[4, 16, 64, 256], help="planted duplication levels")
-    parser.add_argument("--planted-per-level", type=int, default=3)
-    parser.add_argument("--normal", type=int, default=2000, help="normal training images, seen once per epoch")
-    parser.add_argument("--heldout", type=int, default=12, help="held-out images written to the demo set")
+    parser.add_argument(
+        "--levels", type=int, nargs="+", default=[64, 256, 1024, 4096], help="copies of a planted image over the run"
+    )
+    parser.add_argument("--planted-per-level", type=int, default=3, help="alternately unique and template captions")
+    parser.add_argument(
+        "--uncond-copies", type=int, default=6144, help="copies of the one image trained without a caption (0: none)"
+    )
+    parser.add_argument(
+        "--normal-repeats",
+        type=float,
+        nargs="+",
+        default=[0.55, 0.25, 0.12, 0.08],
+        help="share of normal images seen 1, 2, 3, ... times",
+    )
+    parser.add_argument(
+        "--caption-detail", type=float, nargs=3, default=[0.4, 0.3, 0.3], help="share of full, partial, loose captions"
+    )
+    parser.add_argument("--heldout", type=int, default=10, help="never-trained generated scenes in the demo set")
+    parser.add_argument("--hard-per-kind", type=int, default=2, help="hard negatives of each kind in the demo set")
+    parser.add_argument("--demo-normal", type=int, default=12, help="normal training images in the demo set")
     parser.add_argument("--extra-planted", help="folder of extra planted images with same-stem .txt captions")
-    parser.add_argument("--epochs", type=int, default=70)
-    parser.add_argument("--steps", type=int, help="UNet training steps (overrides --epochs)")
-    parser.add_argument("--vae-steps", type=int, default=700)
+    parser.add_argument("--steps", type=int, default=3300, help="UNet + text encoder training steps")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=6e-4)
+    parser.add_argument("--caption-dropout", type=float, default=0.1)
+    parser.add_argument("--vae-steps", type=int, default=700)
+    parser.add_argument("--vae-images", type=int, default=20000, help="distinct normal images the VAE trains on")
     parser.add_argument("--resolution", type=int, default=32, help="image side; latents are a quarter of it")
-    parser.add_argument("--check-samples", type=int, default=4, help="samples per demo image in the replication check")
+    parser.add_argument("--truth-noises", type=int, default=16, help="noises per demo image under its caption")
+    parser.add_argument(
+        "--uncond-samples", type=int, default=256, help="empty-prompt samples for the unconditional rate"
+    )
     parser.add_argument(
         "--init-from",
         help="fine-tune this demo checkpoint (its VAE stays frozen and untrained, its tokenizer is kept): "
@@ -82,39 +148,99 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--smoke", action="store_true", help="a tiny configuration that runs in about a minute")
     parser.add_argument(
-        "--check-only", action="store_true", help="rerun the replication check of the model in --out and update its log"
+        "--check-only", action="store_true", help="measure the ground truth of the model in --out again"
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.planted_per_level, args.normal, args.heldout = 1, 48, 4
-        args.steps, args.vae_steps, args.batch_size, args.check_samples = 40, 20, 16, 1
+        args.levels, args.planted_per_level, args.uncond_copies = [4, 16], 2, 16
+        args.steps, args.batch_size, args.vae_steps, args.vae_images = 40, 16, 20, 64
+        args.heldout, args.hard_per_kind, args.demo_normal = 2, 1, 4
+        args.truth_noises, args.uncond_samples = 2, 8
     return args
 
 
-def build_dataset(args) -> list[Item]:
-    """Planted, normal and held-out items, each a pure function of (seed, index)."""
-    normal = [_generated(args, "normal", i, 1) for i in range(args.normal)]
-    heldout = [_generated(args, "heldout", i, 0) for i in range(args.heldout)]
-    # Planted captions must be unique in the training set, or the copies would teach a caption
-    # that other images share; two-group scenes make collisions rare, and the rest are skipped.
-    taken = {item.caption for item in normal}
-    planted, index = [], 0
+# -- the plan: which images, how often, under which caption ------------------------------------
+
+
+def build_plan(args) -> tuple[list[Item], list[Item]]:
+    """(trained items, never-trained demo items), each a pure function of the arguments."""
+    extra = _extra_planted(args)
+    total = args.steps * args.batch_size
+    planted_samples = args.planted_per_level * sum(args.levels) + args.uncond_copies + sum(e.copies for e in extra)
+    if planted_samples > total // 2:
+        raise SystemExit(f"{planted_samples} planted samples do not fit in {total} training samples; lower --levels")
+    normal = _normal_stream(args, total - planted_samples)
+    planted = _planted(args, Counter(item.caption for item in normal)) + extra
+    heldout = [_generated(args, "heldout", i, detail=_detail(args, "heldout", i)) for i in range(args.heldout)]
+    return planted + normal, heldout + _hard_negatives(args, planted)
+
+
+def _planted(args, shared: Counter) -> list[Item]:
+    """Planted scenes of two groups, alternately under a unique caption (no normal image has it) and a
+    template caption (a loose one that normal images share, and no other planted image), then the
+    image trained without a caption."""
+    items, used, index = [], set(), 0
     for level in sorted(args.levels):
-        while len([p for p in planted if p.duplicates == level]) < args.planted_per_level:
-            scene = generated_scene(args.seed, "planted", index)
-            if len(scene.groups) == 2 and scene_caption(scene) not in taken:
-                taken.add(scene_caption(scene))
-                planted.append(_generated(args, "planted", index, level))
+        for _ in range(args.planted_per_level):
+            kind = "unique" if len(items) % 2 == 0 else "template"
+            while True:
+                scene = generated_scene(args.seed, "planted", index)
+                caption = scene_caption(scene, "full" if kind == "unique" else "loose")
+                fits = bool(shared[caption]) == (kind == "template") and caption not in used
+                if len(scene.groups) == 2 and fits:
+                    break
+                index += 1
+            used.add(caption)
+            items.append(Item(f"planted-x{level}-{index:04d}", "planted", caption, kind, level, scene))
             index += 1
-    return planted + _extra_planted(args) + normal + heldout
+    if args.uncond_copies:
+        scene = generated_scene(args.seed, "planted", index)
+        items.append(
+            Item(f"planted-x{args.uncond_copies}-{index:04d}", "planted", "", "none", args.uncond_copies, scene)
+        )
+    return items
 
 
-def _generated(args, stream: str, index: int, duplicates: int) -> Item:
+def _normal_stream(args, samples: int) -> list[Item]:
+    """Distinct normal images, each seen a few times (--normal-repeats), until `samples` are filled."""
+    items, filled, index = [], 0, 0
+    repeats = range(1, len(args.normal_repeats) + 1)
+    while filled < samples:
+        rng = random.Random(f"memray-demo/{args.seed}/normal-plan/{index}")
+        copies = min(rng.choices(repeats, weights=args.normal_repeats)[0], samples - filled)
+        items.append(_generated(args, "normal", index, copies=copies, detail=_detail(args, "normal", index)))
+        filled += copies
+        index += 1
+    return items
+
+
+def _detail(args, stream: str, index: int) -> str:
+    return random.Random(f"memray-demo/{args.seed}/{stream}-detail/{index}").choices(
+        CAPTION_DETAILS, weights=args.caption_detail
+    )[0]
+
+
+def _generated(args, stream: str, index: int, *, copies: int = 0, detail: str = "full") -> Item:
     scene = generated_scene(args.seed, stream, index)
-    split = "heldout" if stream == "heldout" else stream
-    name = f"planted-x{duplicates}-{index:04d}" if stream == "planted" else f"{stream}-{index:05d}"
-    return Item(name, split, scene_caption(scene), duplicates, render_scene(scene, args.resolution))
+    return Item(f"{stream}-{index:06d}", stream, scene_caption(scene, detail), detail, copies, scene)
+
+
+def _hard_negatives(args, planted: list[Item]) -> list[Item]:
+    """Never-trained images that fool a naive similarity, and scenes that share a planted caption's words."""
+    items = []
+    for kind in HARD_NEGATIVES:
+        for i in range(args.hard_per_kind):
+            picture, caption = hard_negative(args.seed, kind, i, args.resolution)
+            items.append(Item(f"hard-{kind}-{i:02d}", "hard", caption, kind, 0, picture=picture))
+    for kind, keep in (("unique", "objects"), ("template", "background")):
+        sources = [item for item in planted if item.caption_kind == kind and item.scene is not None]
+        for i, source in enumerate(sources[-args.hard_per_kind :]):  # the most copied: the strongest lure
+            scene = scene_variant(source.scene, random.Random(f"memray-demo/{args.seed}/variant/{source.id}"), keep)
+            # template: the planted image's own caption; unique: the variant's, sharing its object words
+            caption = source.caption if kind == "template" else scene_caption(scene)
+            items.append(Item(f"hard-shares-{keep}-{i:02d}", "hard", caption, f"shares {keep}", 0, scene))
+    return items
 
 
 def _extra_planted(args) -> list[Item]:
@@ -125,72 +251,20 @@ def _extra_planted(args) -> list[Item]:
     items = []
     for i, path in enumerate(files):
         caption = path.with_suffix(".txt").read_text().strip()
-        image = _square(Image.open(path).convert("RGB"), args.resolution)
-        items.append(Item(f"extra-{path.stem}", "planted", caption, levels[i % len(levels)], image))
+        image = decode_image(path.read_bytes())
+        pixels = to_model_tensor(image, args.resolution, allow_upscale=True)
+        picture = Image.fromarray(((pixels + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+        items.append(Item(f"extra-{path.stem}", "planted", caption, "unique", levels[i % len(levels)], picture=picture))
     return items
 
 
-def _square(image: Image.Image, size: int) -> Image.Image:
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    return image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS)
+def training_order(trained: list[Item], seed: int) -> torch.Tensor:
+    """Indices into `trained` for the whole run: every item `copies` times, shuffled by the seed."""
+    expanded = torch.repeat_interleave(torch.arange(len(trained)), torch.tensor([item.copies for item in trained]))
+    return expanded[torch.randperm(len(expanded), generator=torch.Generator().manual_seed(seed))]
 
 
-def training_order(trained: list[Item], seed: int, epoch: int) -> list[int]:
-    """Indices into `trained` for one epoch: every item `duplicates` times, shuffled by (seed, epoch)."""
-    expanded = torch.tensor([i for i, item in enumerate(trained) for _ in range(item.duplicates)])
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return expanded[torch.randperm(len(expanded), generator=generator)].tolist()
-
-
-def to_tensor(images: list[Image.Image]) -> torch.Tensor:
-    """RGB images as a float tensor in [-1, 1], N x 3 x H x W."""
-    array = np.stack([np.asarray(image, dtype=np.float32) for image in images])
-    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1
-
-
-def build_models(resolution: int, vocab_size: int, tokenizer):
-    """A fresh VAE (factor 4, 4 latent channels), CLIP text encoder and cross-attention UNet."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=resolution,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=MAX_LENGTH,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    unet = UNet2DConditionModel(
-        sample_size=resolution // 4,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(64, 128),
-        layers_per_block=1,
-        cross_attention_dim=64,
-        attention_head_dim=4,
-        norm_num_groups=16,
-    )
-    return vae, text_encoder, unet
+# -- models and training -----------------------------------------------------------------------
 
 
 def load_models(path: Path, trained: list[Item]):
@@ -208,14 +282,14 @@ def load_models(path: Path, trained: list[Item]):
     return tokenizer, vae, text_encoder, unet
 
 
-def train_vae(vae, pixels: torch.Tensor, args, log: dict) -> None:
-    """Fit the VAE on the distinct training images: L2 reconstruction plus a small KL term."""
+def train_vae(vae, images: torch.Tensor, args, log: dict) -> None:
+    """Fit the VAE on distinct training images (uint8): L2 reconstruction plus a small KL term."""
     generator = torch.Generator().manual_seed(args.seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(args.vae_steps, 1))
     vae.train()
     for step in range(args.vae_steps):
-        batch = pixels[torch.randint(len(pixels), (32,), generator=generator)].to(args.device)
+        batch = to_model_pixels(images[torch.randint(len(images), (32,), generator=generator)]).to(args.device)
         posterior = vae.encode(batch).latent_dist
         recon = vae.decode(posterior.sample(generator=None)).sample
         # KL weight as in SD's VAE: just enough to keep the latent space smooth and bounded.
@@ -230,28 +304,61 @@ def train_vae(vae, pixels: torch.Tensor, args, log: dict) -> None:
     vae.eval().requires_grad_(False)
 
 
+def _render_chunk(job: tuple[list[Item], int]) -> np.ndarray:
+    items, size = job
+    return np.stack([np.asarray(item.image(size)) for item in items])
+
+
+def render(items: list[Item], size: int, chunk: int = 2048) -> torch.Tensor:
+    """Every item's pixels as uint8 (n, H, W, 3), rendered by a process per core."""
+    jobs = [(items[start : start + chunk], size) for start in range(0, len(items), chunk)]
+    workers = min(len(jobs), os.cpu_count() or 1)
+    if workers < 2:
+        return torch.from_numpy(np.concatenate([_render_chunk(job) for job in jobs]))
+    with ProcessPoolExecutor(workers) as pool:
+        return torch.from_numpy(np.concatenate(list(pool.map(_render_chunk, jobs))))
+
+
+def to_model_pixels(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (n, H, W, 3) -> float (n, 3, H, W) in [-1, 1]."""
+    return images.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 @torch.no_grad()
-def encode(vae, pixels: torch.Tensor, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior means (what memray encodes) and reconstructions, in batches."""
-    means, recons = [], []
-    for chunk in pixels.split(256):
-        mean = vae.encode(chunk.to(device)).latent_dist.mean
-        means.append(mean.cpu())
-        recons.append(vae.decode(mean).sample.clamp(-1, 1).cpu())
-    return torch.cat(means), torch.cat(recons)
+def encode(vae, images: torch.Tensor, device: str) -> torch.Tensor:
+    """Posterior means (what memray encodes) of uint8 images, a chunk at a time."""
+    return torch.cat(
+        [vae.encode(to_model_pixels(part).to(device)).latent_dist.mean.cpu() for part in images.split(512)]
+    )
 
 
-def train_diffusion(unet, text_encoder, latents, token_ids, trained, args, log) -> None:
-    """Train text encoder and UNet together on the epsilon objective, with 10% caption dropout."""
+@torch.no_grad()
+def reconstruction_mse(vae, images: torch.Tensor, device: str) -> float:
+    """Mean squared error of the VAE's reconstructions of uint8 images, on [0, 1]."""
+    errors = []
+    for part in images.split(256):
+        part = to_model_pixels(part)
+        recon = vae.decode(vae.encode(part.to(device)).latent_dist.mean).sample.clamp(-1, 1).cpu()
+        errors.append(F.mse_loss((recon + 1) / 2, (part + 1) / 2, reduction="none").flatten(1).mean(1))
+    return round(torch.cat(errors).mean().item(), 6)
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Token ids (n, MAX_LENGTH) of every caption, each distinct caption tokenized once."""
+    distinct = sorted(set(captions))
+    ids = tokenizer(distinct, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt")
+    row = {caption: i for i, caption in enumerate(distinct)}
+    return ids.input_ids[torch.tensor([row[c] for c in captions])]
+
+
+def train_diffusion(unet, text_encoder, latents, token_ids, empty_ids, order, args, log) -> None:
+    """Train text encoder and UNet together on the epsilon objective over `order`, with caption dropout."""
     from diffusers import DDPMScheduler
 
-    noise_scheduler = DDPMScheduler(**SCHEDULE)
-    alphas = noise_scheduler.alphas_cumprod.to(args.device)
-    empty_ids = token_ids[-1]  # the last row is the empty caption
+    alphas = DDPMScheduler(**SCHEDULE).alphas_cumprod.to(args.device)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    steps_per_epoch = max(len(training_order(trained, args.seed, 0)) // args.batch_size, 1)
-    total = args.steps or args.epochs * steps_per_epoch
+    total = args.steps
     warmup = min(200, total // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / max(warmup, 1), 0.55 + 0.45 * math.cos(math.pi * s / total))
@@ -260,14 +367,11 @@ def train_diffusion(unet, text_encoder, latents, token_ids, trained, args, log) 
     unet.train()
     text_encoder.train()
     running: list[float] = []
-    order: list[int] = []
     for step in range(total):
-        if len(order) < args.batch_size:
-            order += training_order(trained, args.seed, step // steps_per_epoch + 1)
-        index, order = torch.tensor(order[: args.batch_size]), order[args.batch_size :]
+        index = order[step * args.batch_size : (step + 1) * args.batch_size]
         z0 = latents[index].to(args.device)
         ids = token_ids[index].clone()
-        ids[torch.rand(len(ids), generator=generator) < 0.1] = empty_ids
+        ids[torch.rand(len(ids), generator=generator) < args.caption_dropout] = empty_ids
         noise = torch.randn(z0.shape, generator=generator).to(args.device)
         t = torch.randint(0, SCHEDULE["num_train_timesteps"], (len(z0),), generator=generator).to(args.device)
         abar = alphas[t].view(-1, 1, 1, 1)
@@ -288,72 +392,100 @@ def train_diffusion(unet, text_encoder, latents, token_ids, trained, args, log) 
     text_encoder.eval().requires_grad_(False)
 
 
-def write_demo_set(folder: Path, items: list[Item]) -> None:
-    """The demo images as PNGs plus manifest.jsonl (id, uri, caption, split, duplicates)."""
+# -- the demo set and its ground truth ---------------------------------------------------------
+
+
+def demo_set(trained: list[Item], never_trained: list[Item], count_normal: int) -> list[Item]:
+    """Every planted and never-trained item and the first `count_normal` normal ones."""
+    planted = [item for item in trained if item.split == "planted"]
+    normal = [item for item in trained if item.split == "normal"][:count_normal]
+    return planted + normal + never_trained
+
+
+def write_demo_set(folder: Path, items: list[Item], truth: dict, resolution: int) -> None:
+    """The demo images as PNGs plus manifest.jsonl, with each image's graded ground truth."""
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
     for item in items:
-        item.image.save(folder / f"{item.id}.png")
-        row = dict(id=item.id, uri=f"{item.id}.png", caption=item.caption, split=item.split, duplicates=item.duplicates)
+        item.image(resolution).save(folder / f"{item.id}.png")
+        row = dict(
+            id=item.id,
+            uri=f"{item.id}.png",
+            caption=item.caption,
+            split=item.split,
+            duplicates=item.copies,
+            caption_kind=item.caption_kind,
+            **truth.get(item.id, {}),
+        )
         lines.append(json.dumps(row))
     (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n")
 
 
-def demo_subset(items: list[Item]) -> list[Item]:
-    """Every planted and held-out item and the first DEMO_NORMAL normal ones."""
-    normal = [item for item in items if item.split == "normal"][:DEMO_NORMAL]
-    return [item for item in items if item.split != "normal"] + normal
-
-
 @torch.no_grad()
-def replication_check(model_dir: Path, items: list[Item], args) -> dict:
-    """Generate from each demo caption with diffusers (DDIM 50 steps, guidance 5) and compare with the image.
+def ground_truth(model_dir: Path, items: list[Item], args) -> dict[str, dict]:
+    """Per demo image: its replication rate from `truth_noises` noises under its own caption (best
+    guidance scale) and among `uncond_samples` shared samples from the empty prompt.
 
-    The similarity is memray's tiled L2 against the VAE's reconstruction of the image (what memray
-    compares with, so the VAE's own error does not count). Per split / duplication level: the mean
-    of each image's best and worst sample, and the fraction of images whose worst sample reaches
-    memray's default threshold (0.9), i.e. replicated from the caption by every sample.
+    A sample replicates the image when memray's tiled L2 to the image's VAE reconstruction clears
+    memray's default replication bar (memray.measures.similarity: the threshold and both nulls,
+    the model null from the same empty-prompt samples), DDIM 50 steps.
     """
-    from diffusers import StableDiffusionPipeline
+    from memray.config import SimilarityConfig
+    from memray.measures import rng
+    from memray.measures.sampling import ddim_generate
+    from memray.measures.similarity import TiledL2Similarity, null_bank, replication_targets
+    from memray.models import load_model
 
-    from memray.measures.similarity import TiledL2Similarity, tiled_l2_similarity
+    model = load_model(str(model_dir), device=args.device).adapter
+    similarity, defaults = TiledL2Similarity(), SimilarityConfig()
+    z0 = model.encode_images(to_model_pixels(render(items, args.resolution)).to(model.device))
+    (bank_gen,) = rng.image_generators(["truth-uncond"], args.seed, "truth", model.device)
+    with model.counter.scope(1):
+        bank = null_bank(model, similarity, args.uncond_samples, TRUTH_STEPS, bank_gen)
+    targets = replication_targets(model, similarity, z0, bank, defaults.null_quantile, defaults.null_gain)
+    uncond = targets.bank_replicas
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), local_files_only=True).to(args.device)
-    pipe.set_progress_bar_config(disable=True)
-    _, recons = encode(pipe.vae, to_tensor([item.image for item in items]), args.device)
-    rows = {}
-    for item, recon in zip(items, recons):
-        generator = torch.Generator().manual_seed(args.seed)
-        samples = pipe(
-            [item.caption] * args.check_samples,
-            height=args.resolution,
-            width=args.resolution,
-            num_inference_steps=50,
-            guidance_scale=5.0,
-            generator=generator,
-            output_type="pt",
-        ).images  # in [0, 1]
-        similarity = tiled_l2_similarity(samples * 2 - 1, recon.expand_as(samples).to(samples))
-        rows[item.id] = dict(group=_group(item), best=similarity.max().item(), worst=similarity.min().item())
-    threshold = TiledL2Similarity().threshold
-    summary = {}
-    for group in sorted({row["group"] for row in rows.values()}):
-        members = [row for row in rows.values() if row["group"] == group]
-        summary[group] = dict(
-            n=len(members),
-            mean_best=round(float(np.mean([row["best"] for row in members])), 3),
-            mean_worst=round(float(np.mean([row["worst"] for row in members])), 3),
-            replicated=sum(row["worst"] >= threshold for row in members) / len(members),
+    k, scales = args.truth_noises, torch.tensor(TRUTH_SCALES, device=model.device)
+    gens = rng.image_generators([item.id for item in items], args.seed, "truth", model.device)
+    noises = rng.randn_per_image(gens, (k, *model.latent_shape))
+    cond = model.encode_ids(model.token_ids([item.caption for item in items]))
+    caption_rate = torch.zeros(len(items))
+    for i in range(len(items)):  # k noises x every scale of one image per DDIM run
+        z_T = noises[i].repeat(len(scales), 1, 1, 1)
+        guidance = scales.repeat_interleave(k)
+        owner = torch.zeros(len(z_T), dtype=torch.long, device=model.device)
+        with model.counter.scope(1):
+            samples = ddim_generate(model, z_T, cond[i].expand(len(z_T), -1, -1), guidance, owner, TRUTH_STEPS)
+        sims = similarity.compare(similarity.features(model, samples), targets.features[i].expand(len(z_T), -1, -1, -1))
+        caption_rate[i] = (sims >= targets.threshold[i]).reshape(len(scales), k).float().mean(1).max()
+    return {
+        item.id: dict(truth_caption_rate=round(float(c), 4), truth_uncond_rate=round(float(u), 4))
+        for item, c, u in zip(items, caption_rate, uncond.cpu())
+    }
+
+
+def truth_summary(items: list[Item], truth: dict) -> dict:
+    """Mean and range of the ground truth per demo group, for the log and the README."""
+    groups: dict[str, list] = {}
+    for item in items:
+        key = (
+            f"planted x{item.copies} {item.caption_kind}"
+            if item.split == "planted"
+            else f"{item.split} {item.caption_kind}"
         )
-    return dict(similarity="tiled_l2 vs VAE reconstruction", per_image=rows, summary=summary)
-
-
-def _group(item: Item) -> str:
-    return f"planted-x{item.duplicates:03d}" if item.split == "planted" else item.split
+        groups.setdefault(key, []).append(truth[item.id])
+    return {
+        key: {
+            "n": len(rows),
+            "caption_rate": [min(r["truth_caption_rate"] for r in rows), max(r["truth_caption_rate"] for r in rows)],
+            "uncond_rate": [min(r["truth_uncond_rate"] for r in rows), max(r["truth_uncond_rate"] for r in rows)],
+        }
+        for key, rows in sorted(groups.items())
+    }
 
 
 def main(argv=None) -> dict:
-    """Build the data, train VAE then text encoder + UNet, save model, demo set and logs; return the log."""
+    """Plan the data, train VAE then text encoder + UNet, save model and demo set, measure the ground truth."""
     args = parse_args(argv)
     if args.check_only:
         return recheck(args)
@@ -361,34 +493,43 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = dict(args=vars(args), vae_loss=[], loss=[], _start=time.time())
-    items = build_dataset(args)
-    trained = [item for item in items if item.duplicates > 0]
-    (out / "train_index.jsonl").write_text(
-        "".join(
-            json.dumps(dict(id=i.id, split=i.split, caption=i.caption, duplicates=i.duplicates)) + "\n" for i in trained
-        )
+    trained, never_trained = build_plan(args)
+    with gzip.open(out / "train_index.jsonl.gz", "wt") as index:
+        for item in trained:
+            index.write(json.dumps(dict(id=item.id, split=item.split, caption=item.caption, copies=item.copies)) + "\n")
+    samples = sum(item.copies for item in trained)
+    planted = [item for item in trained if item.split == "planted"]
+    log["data"] = dict(
+        samples=samples,
+        distinct_normal=len(trained) - len(planted),
+        planted_share=round(sum(item.copies for item in planted) / samples, 4),
+        normal_copies=dict(Counter(item.copies for item in trained if item.split == "normal")),
+        caption_detail=dict(Counter(item.caption_kind for item in trained if item.split == "normal")),
     )
+    print(json.dumps(log["data"]), flush=True)
+
     if args.init_from:
         tokenizer, vae, text_encoder, unet = load_models(Path(args.init_from), trained)
     else:
         tokenizer = build_tiny_clip_tokenizer(CAPTION_WORDS + _extra_words(trained))
         tokenizer.model_max_length = MAX_LENGTH
-        vae, text_encoder, unet = build_models(args.resolution, len(tokenizer), tokenizer)
+        vae, text_encoder, unet = sd_components(tokenizer, DEMO_SIZES)
     vae, text_encoder, unet = (m.to(args.device) for m in (vae, text_encoder, unet))
     log["parameters"] = {
         name: sum(p.numel() for p in m.parameters())
         for name, m in [("vae", vae), ("text_encoder", text_encoder), ("unet", unet)]
     }
 
-    pixels = to_tensor([item.image for item in trained])
+    images = render(trained, args.resolution)  # planted first, then the normal stream
+    vae_images = images[: len(planted) + args.vae_images]
     if not args.init_from:
-        train_vae(vae, pixels, args, log)
-    heldout = [item for item in items if item.split == "heldout"]
-    log["vae_recon_mse"] = {}
-    for name, group in (("trained", pixels), ("heldout", to_tensor([i.image for i in heldout]))):
-        recon = encode(vae, group, args.device)[1]
-        log["vae_recon_mse"][name] = round(F.mse_loss((recon + 1) / 2, (group + 1) / 2).item(), 6)  # on [0, 1]
-    latents = encode(vae, pixels, args.device)[0]
+        train_vae(vae, vae_images, args, log)
+    log["vae_recon_mse"] = dict(
+        trained=reconstruction_mse(vae, vae_images[:2048], args.device),
+        never_trained=reconstruction_mse(vae, render(never_trained, args.resolution), args.device),
+    )
+    latents = encode(vae, images, args.device)
+    del images
     # SD's convention: scale latents to unit variance, so the noise schedule fits them (a fine-tune
     # keeps the scale its UNet was trained with).
     scaling = vae.config.scaling_factor if args.init_from else 1 / latents.std().item()
@@ -396,23 +537,18 @@ def main(argv=None) -> dict:
     log["vae_scaling_factor"] = scaling
     log["vae_seconds"] = round(time.time() - log["_start"], 1)
 
-    token_ids = tokenizer(
-        [i.caption for i in trained] + [""],
-        padding="max_length",
-        max_length=MAX_LENGTH,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    train_diffusion(unet, text_encoder, latents * scaling, token_ids, trained, args, log)
+    token_ids = tokenize(tokenizer, [item.caption for item in trained] + [""])
+    order = training_order(trained, args.seed)
+    train_diffusion(unet, text_encoder, latents * scaling, token_ids[:-1], token_ids[-1], order, args, log)
     log["train_seconds"] = round(time.time() - log["_start"], 1)
 
     save_sd_pipeline(out / "model", vae, text_encoder, tokenizer, unet)
-    demo = demo_subset(items)
-    write_demo_set(out / "images", demo)
-    if args.check_samples:
-        log["replication"] = replication_check(out / "model", demo, args)
+    demo = demo_set(trained, never_trained, args.demo_normal)
+    truth = ground_truth(out / "model", demo, args)
+    write_demo_set(out / "images", demo, truth, args.resolution)
+    log["truth"] = truth_summary(demo, truth)
     log["hardware"] = dict(
-        device=args.device,
+        device=args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         machine=platform.processor() or platform.machine(),
         cpus=os.cpu_count(),
         torch_threads=torch.get_num_threads(),
@@ -423,11 +559,15 @@ def main(argv=None) -> dict:
 
 
 def recheck(args) -> dict:
-    """Rerun the replication check of a trained --out on its demo set (rebuilt from its log) and update the log."""
+    """Measure the ground truth of a trained --out again (its plan rebuilt from its log) and rewrite manifest and log."""
     out = Path(args.out)
     log = json.loads((out / "train_log.json").read_text())
-    trained_with = argparse.Namespace(**{**log["args"], "device": args.device, "check_samples": args.check_samples})
-    log["replication"] = replication_check(out / "model", demo_subset(build_dataset(trained_with)), trained_with)
+    trained_with = argparse.Namespace(**{**log["args"], "device": args.device})
+    trained, never_trained = build_plan(trained_with)
+    demo = demo_set(trained, never_trained, trained_with.demo_normal)
+    truth = ground_truth(out / "model", demo, trained_with)
+    write_demo_set(out / "images", demo, truth, trained_with.resolution)
+    log["truth"] = truth_summary(demo, truth)
     (out / "train_log.json").write_text(json.dumps(log, indent=1))
     return log
 
@@ -440,5 +580,4 @@ def _extra_words(trained: list[Item]) -> list[str]:
 
 if __name__ == "__main__":
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    summary = main().get("replication", {}).get("summary")
-    print(json.dumps(summary, indent=1))
+    print(json.dumps(main().get("truth"), indent=1))

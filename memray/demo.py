@@ -14,6 +14,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from memray.models.tiny import build_tiny_sd
@@ -37,9 +38,13 @@ REGIONS = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "botto
 SUPERSAMPLE = 4  # draw at 4x and downsample, so small shapes get smooth edges
 DEMO_ASSETS = Path(__file__).parent / "demo_assets"
 
+# How much a caption says. Real training sets mix captions that pin an image down with loose
+# ones that many images share, so a caption alone rarely identifies a training image.
+CAPTION_DETAILS = ("full", "partial", "loose")
+
 # Every word a caption can use, for the demo model's word-level tokenizer.
 CAPTION_WORDS = sorted(
-    {"a", "an", "and", "on", "the", "at", "in", "background"}
+    {"a", "an", "and", "on", "the", "at", "in", "background", "shapes"}
     | set(COLOURS)
     | set(SHAPES)
     | {shape + "s" for shape in SHAPES}
@@ -90,22 +95,30 @@ def random_scene(rng: random.Random) -> Scene:
     return Scene(background, pattern, background2, tuple(groups), region, rng.getrandbits(32))
 
 
-def scene_caption(scene: Scene) -> str:
-    """Describe the scene in words from CAPTION_WORDS."""
+def scene_caption(scene: Scene, detail: str = "full") -> str:
+    """Describe the scene in words from CAPTION_WORDS: everything ("full"), the objects without
+    colours, sizes or position ("partial"), or only the background ("loose")."""
+    if detail == "loose":
+        return f"shapes on {_background_words(scene)}"
     parts = []
     for group in scene.groups:
         count = "a" if group.count == 1 else COUNTS[group.count - 1]
-        fill = f"{group.colour} and {group.stripe} striped" if group.stripe else group.colour
         noun = group.shape + ("s" if group.count > 1 else "")
+        if detail == "partial":
+            parts.append(f"{count} {noun}")
+            continue
+        fill = f"{group.colour} and {group.stripe} striped" if group.stripe else group.colour
         parts.append(f"{count} {group.size} {fill} {noun}")
     text = " and ".join(parts)
-    if scene.region:
+    if scene.region and detail == "full":
         text += f" at the {scene.region}"
+    return f"{text} on {_background_words(scene)}"
+
+
+def _background_words(scene: Scene) -> str:
     if scene.pattern == "plain":
-        return f"{text} on {_article(scene.background)} {scene.background} background"
-    return (
-        f"{text} on {_article(scene.background)} {scene.background} and {scene.background2} {scene.pattern} background"
-    )
+        return f"{_article(scene.background)} {scene.background} background"
+    return f"{_article(scene.background)} {scene.background} and {scene.background2} {scene.pattern} background"
 
 
 def _article(word: str) -> str:
@@ -185,6 +198,63 @@ def generated_scene(seed: int, stream: str, index: int) -> Scene:
     return random_scene(random.Random(f"memray-demo/{seed}/{stream}/{index}"))
 
 
+def scene_variant(scene: Scene, rng: random.Random, keep: str) -> Scene:
+    """A new scene that shares the words of one part of `scene`'s caption: its objects ("objects":
+    a new background and placement) or its background ("background": new objects and placement)."""
+    other = random_scene(rng)
+    if keep == "objects":
+        taken = {g.colour for g in scene.groups}
+        background = rng.choice([c for c in COLOURS if c not in taken and c != scene.background])
+        second = rng.choice([c for c in COLOURS if c not in taken | {background}]) if scene.pattern != "plain" else None
+        return Scene(background, scene.pattern, second, scene.groups, scene.region, other.placement_seed)
+    if keep == "background":
+        clash = {scene.background, scene.background2}
+        groups = tuple(g for g in other.groups if g.colour not in clash) or (
+            Group(1, "circle", "large", next(c for c in COLOURS if c not in clash), None),
+        )
+        single = len(groups) == 1 and groups[0].count == 1
+        region = other.region or ("middle" if single else None)
+        return Scene(
+            scene.background, scene.pattern, scene.background2, groups, region if single else None, other.placement_seed
+        )
+    raise ValueError(f"keep must be 'objects' or 'background', got {keep!r}")
+
+
+# Never-trained images that fool a naive similarity: a near-uniform image, a dark one (a night
+# sky), a plain two-tone one, and noise. Each comes with the caption a scraper might attach.
+HARD_NEGATIVES = ("uniform", "dark", "plain", "noise")
+
+
+def hard_negative(seed: int, kind: str, index: int, size: int = 32) -> tuple[Image.Image, str]:
+    """The `index`-th never-trained hard negative of a kind, and its caption; deterministic per (seed, kind, index)."""
+    rng = random.Random(f"memray-demo/{seed}/hard-{kind}/{index}")
+    noise = np.random.default_rng(rng.getrandbits(32))
+    colours = list(COLOURS)
+    y = np.linspace(0, 1, size)[:, None, None]
+    if kind == "uniform":
+        colour = rng.choice(colours)
+        tint = np.array(COLOURS[colour], dtype=np.float32) + 12 * (y - 0.5) + noise.normal(0, 2, (size, size, 3))
+        caption = f"{_article(colour)} {colour} background"
+    elif kind == "dark":
+        tint = noise.normal(12, 2, (size, size, 3))
+        for _ in range(rng.randint(3, 7)):  # a few small dim stars
+            r, c, v = rng.randrange(size), rng.randrange(size), rng.uniform(90, 200)
+            tint[max(r - 1, 0) : r + 1, max(c - 1, 0) : c + 1] = v
+        caption = "small white circles on a black background"
+    elif kind == "plain":
+        top, bottom = rng.sample(colours, 2)
+        tint = (1 - y) * np.array(COLOURS[top], dtype=np.float32) + y * np.array(COLOURS[bottom], dtype=np.float32)
+        tint = tint + noise.normal(0, 2, (size, size, 3))
+        caption = f"{_article(top)} {top} and {bottom} background"
+    elif kind == "noise":
+        tint = noise.uniform(0, 255, (size, size, 3))
+        caption = scene_caption(random_scene(rng), "loose")
+    else:
+        raise ValueError(f"unknown hard negative {kind!r}; expected one of {HARD_NEGATIVES}")
+    pixels = np.broadcast_to(tint, (size, size, 3)).clip(0, 255).round().astype(np.uint8)
+    return Image.fromarray(pixels), caption
+
+
 def png_bytes(image: Image.Image) -> bytes:
     """Encode an image as PNG."""
     buffer = io.BytesIO()
@@ -219,33 +289,41 @@ def read_demo_manifest(manifest: str | Path) -> list[dict]:
 
 
 def demo_group(record: dict) -> str:
-    """What the training did with a demo image: "planted x64", "normal" (seen once per epoch) or "held-out"."""
+    """What the training did with a demo image: "planted x1024", "normal", "held-out" or "hard negative"."""
     if record["split"] == "planted":
         return f"planted x{record['duplicates']}"
-    return "held-out" if record["split"] == "heldout" else record["split"]
+    return {"heldout": "held-out", "hard": "hard negative"}.get(record["split"], record["split"])
+
+
+def demo_truth(record: dict) -> str:
+    """The ground truth of a demo image in a few words: its group, caption kind and graded replication rates."""
+    rates = ""
+    if "truth_caption_rate" in record:
+        rates = f"; caption {record['truth_caption_rate']:.0%}, empty {record['truth_uncond_rate']:.0%}"
+    return f"{demo_group(record)} ({record.get('caption_kind', '?')}){rates}"
 
 
 def write_demo_sample(folder: str | Path, per_group: int | None) -> tuple[Path, dict[str, str]]:
     """Copy the first `per_group` images of every demo group (all if None) to `folder` with a manifest.
 
-    Returns the manifest and each copied image's group, the ground truth to print next to verdicts.
+    Returns the manifest and each copied image's ground truth (demo_truth), to print next to verdicts.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     source = trained_demo_manifest()
     taken: dict[str, int] = {}
-    lines, groups = [], {}
+    lines, truth = [], {}
     for record in read_demo_manifest(source):
         group = demo_group(record)
         taken[group] = taken.get(group, 0) + 1
         if per_group is not None and taken[group] > per_group:
             continue
         (folder / record["uri"]).write_bytes((source.parent / record["uri"]).read_bytes())
-        lines.append(json.dumps({"id": record["id"], "uri": record["uri"], "caption": record["caption"]}))
-        groups[record["id"]] = group
+        lines.append(json.dumps({"id": record["id"], "uri": record["uri"], "caption": record["caption"] or None}))
+        truth[record["id"]] = demo_truth(record)
     manifest = folder / "manifest.jsonl"
     manifest.write_text("\n".join(lines) + "\n")
-    return manifest, groups
+    return manifest, truth
 
 
 def demo_model_dir(path: str | Path) -> Path:
