@@ -48,7 +48,7 @@ from memray.cli import (  # noqa: E402
 )
 from memray.dist.pipeline import run_audit  # noqa: E402
 from memray.models import adapter_class  # noqa: E402
-from memray.models.loading import MODEL_INDEX, CheckpointError, model_slug, resolve_checkpoint  # noqa: E402
+from memray.models.loading import MODEL_INDEX, CheckpointError, resolve_checkpoint  # noqa: E402
 from memray.report.html import write_report  # noqa: E402
 
 
@@ -109,8 +109,8 @@ def write_summary(url: str, summary: dict) -> None:
 def nightly(args, audit_argv: list[str]) -> int:
     """Audit, compare with the previous model, report; the exit code."""
     checkpoint = args.checkpoint or newest_checkpoint(args.checkpoints_prefix)
-    model = model_slug(checkpoint)
     summary, config_hash = audit(args, audit_argv, checkpoint)
+    model = summary.model
     catalog = Catalog(args.catalog)
     base = previous_model(catalog, model)
     comparison: Comparison | None = None

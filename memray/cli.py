@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from memray.catalog.schema import SCHEMA_VERSION
-from memray.catalog.store import CatalogQueryError
+from memray.catalog.store import CatalogLeaseError, CatalogQueryError, CatalogWriteError
 from memray.config import PRESETS, AuditConfig, ConfigError, apply_overrides, load_config
 from memray.data.sources import SourceError
 from memray.models.loading import CheckpointError
@@ -107,13 +107,16 @@ def _fmt(value) -> str:
 def cmd_inspect(args) -> int:
     """Audit one image and write its figures."""
     from memray.audit.runner import ImageInput, audit_batch, replica_samples
+    from memray.data.sources import stable_path_id
     from memray.report.plots import save_error_distributions, save_image_row
 
     config = build_config(args)
     loaded = _load(args, config)
     config = _fit_measures(config, loaded.adapter, explicit=_explicit_measures(args))
     image = Path(args.image)
-    item = ImageInput(image_id=image.name, uri=str(image), caption=args.caption, source=str(image))
+    item = ImageInput(
+        image_id=stable_path_id(str(image), None), uri=str(image), caption=args.caption, source=str(image)
+    )
     print(
         f"memray inspect {image} with {loaded.ref} ({loaded.adapter.family}, {loaded.adapter.prediction_type}, "
         f"{loaded.adapter.resolution}px, config {config.hash()})",
@@ -196,6 +199,13 @@ def add_pipeline_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpus-per-actor", type=float, default=1.0)
     parser.add_argument("--retry-errors", action="store_true", help="audit again images whose row is an error")
     parser.add_argument("--rows-per-file", type=int, default=2000, help="catalog rows buffered per Parquet file")
+    parser.add_argument(
+        "--allow-uri-prefix",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="let manifests point under PREFIX too (default: only the manifest's own folder or bucket)",
+    )
 
 
 def pipeline_options(args):
@@ -211,6 +221,7 @@ def pipeline_options(args):
         allow_pickle=args.allow_pickle,
         retry_errors=args.retry_errors,
         rows_per_file=args.rows_per_file,
+        allow_uri_prefixes=tuple(args.allow_uri_prefix),
     )
 
 
@@ -236,7 +247,7 @@ def cmd_query(args) -> int:
     """Run read-only SQL over the catalog's views `audits` and `latest`."""
     from memray.catalog.store import Catalog, format_table, write_parquet
 
-    table = Catalog(args.catalog).query(args.sql)
+    table = Catalog(args.catalog, must_exist=True).query(args.sql, timeout=args.timeout or None)
     if args.format == "parquet":
         if not args.out:
             raise ConfigError("--format parquet needs --out FILE")
@@ -287,7 +298,7 @@ def cmd_config(args) -> int:
 
 
 # Faults of the user's input: reported in one line with exit code 2, not as a traceback.
-USAGE_ERRORS = (ConfigError, CatalogQueryError, SourceError, CheckpointError)
+USAGE_ERRORS = (ConfigError, CatalogQueryError, CatalogWriteError, CatalogLeaseError, SourceError, CheckpointError)
 
 
 def _off_or(cast):
@@ -348,7 +359,7 @@ def cmd_compare(args) -> int:
     from memray.catalog.compare import compare_models
     from memray.catalog.store import Catalog
 
-    comparison = compare_models(Catalog(args.catalog), args.base, args.new, policy_from_args(args))
+    comparison = compare_models(Catalog(args.catalog, must_exist=True), args.base, args.new, policy_from_args(args))
     if args.out:
         Path(args.out).write_text(comparison.to_json())
     print(comparison.to_json() if args.format == "json" else comparison.to_text(limit=args.limit))
@@ -357,7 +368,10 @@ def cmd_compare(args) -> int:
 
 def cmd_report(args) -> int:
     """Write the HTML report of a catalog."""
+    from memray.catalog.store import Catalog
     from memray.report.html import write_report
+
+    Catalog(args.catalog, must_exist=True)  # a mistyped catalog is an error, not an empty report
 
     out = write_report(
         args.catalog, args.out, base=args.base, new=args.model, top=args.top, policy=policy_from_args(args)
@@ -397,6 +411,7 @@ def main(argv=None) -> int:
     p.add_argument("sql")
     p.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
     p.add_argument("--out", help="write to this file instead of standard output")
+    p.add_argument("--timeout", type=float, default=300, help="stop a query after this many seconds (0: no limit)")
     p.set_defaults(func=cmd_query)
 
     p = sub.add_parser("demo", help="the main job on the embedded demo model and images")

@@ -292,19 +292,27 @@ def from_dict(data: dict) -> AuditConfig:
 
 def load_config(path: str | Path) -> AuditConfig:
     """Load a .toml, .yaml/.yml or .json configuration file; unspecified settings keep their defaults."""
-    path = Path(path)
-    text = path.read_text()
-    if path.suffix == ".toml":
-        data = tomllib.loads(text)
-    elif path.suffix in (".yaml", ".yml"):
-        import yaml
+    import yaml
 
-        data = yaml.safe_load(text) or {}
-    elif path.suffix == ".json":
-        data = json.loads(text)
-    else:
+    path = Path(path)
+    if path.suffix not in (".toml", ".yaml", ".yml", ".json"):
         raise ConfigError(f"{path}: unknown configuration format (use .toml, .yaml or .json)")
+    try:
+        text = path.read_text()
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            data = yaml.safe_load(text) or {}
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as error:  # TOML and JSON errors are ValueErrors
+        reason = " ".join(str(error).split())
+        raise ConfigError(f"{path}: not a readable configuration file: {reason}") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a table of settings at the top, got {type(data).__name__}")
     preset = data.pop("preset", None)
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"{path}: unknown preset {preset!r}; known: {sorted(PRESETS)}")
     base = PRESETS[preset]().to_dict() if preset else {}
     for key, value in data.items():
         base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value

@@ -60,7 +60,14 @@ def make_dataset(root: Path) -> dict[str, str]:
         last = tar.getmember("k5.png")
     data = (root / "00002.tar").read_bytes()
     (root / "00002.tar").write_bytes(data[: last.offset_data + last.size // 2])  # cut inside the last image
-    return {"k0": "ok", "k1": "ok", "k2": "ok", "k3": "error", "k4": "ok", "00002.tar#truncated": "error"}
+    return {
+        "00000.tar/k0": "ok",
+        "00000.tar/k1": "ok",
+        "00001.tar/k2": "ok",
+        "00001.tar/k3": "error",
+        "00002.tar/k4": "ok",
+        "00002.tar#truncated": "error",
+    }
 
 
 def rows_by_id(catalog: str) -> dict[str, list[str]]:
@@ -99,5 +106,5 @@ def test_shards_in_s3_to_a_catalog_in_s3(local_ray, tiny_sd_dir, tmp_path, s3_bu
     run_audit([f"s3://{s3_bucket}/laion/{{00000..00002}}.tar"], str(tiny_sd_dir), catalog, CONFIG, OPTIONS)
     assert {k: v[0] for k, v in rows_by_id(catalog).items()} == expected
     assert fs.glob(f"{s3_bucket}/memray-catalog/model=*/*.parquet")
-    table = Catalog(catalog).query("SELECT image_id, invmm_replicated FROM latest WHERE image_id = 'k0'")
+    table = Catalog(catalog).query("SELECT image_id, invmm_replicated FROM latest WHERE image_id = '00000.tar/k0'")
     assert table.num_rows == 1

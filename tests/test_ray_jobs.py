@@ -106,7 +106,7 @@ def test_a_killed_job_rerun_ends_with_exactly_one_ok_row_per_image(tiny_sd_dir, 
 
     subprocess.run(command, check=True, capture_output=True, timeout=600)
     found = rows_by_id(str(catalog))
-    assert sorted(found) == ids  # no loss
+    assert sorted(found) == [f"{i // 6:05d}.tar/{key}" for i, key in enumerate(ids)]  # no loss
     assert all(statuses == ["ok"] for statuses in found.values())  # no duplicates
 
 
@@ -161,3 +161,44 @@ def test_an_image_that_kills_its_worker_becomes_an_error_row_after_bounded_retri
     assert "worker died 2 times" in rows[poison]["error"]
     assert all(rows[i]["status"] == "ok" for i in ids if i != poison)
     assert _markers(catalog) == {}
+
+
+def test_random_kills_of_the_actor_and_the_driver_never_lose_or_duplicate_a_row(tiny_sd_dir, tmp_path):
+    """10 trials: kill the auditor actor or the whole driver at a random moment, then rerun: every
+    image has exactly one row after the rerun, whatever the kill hit."""
+    import random
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for shard in range(2):
+        write_shard(folder / f"{shard:05d}.tar", {f"k{i}": png_bytes(300 + 4 * shard + i) for i in range(4)}, {})
+    expected = sorted(f"{shard:05d}.tar/k{i}" for shard in range(2) for i in range(4))
+    draw = random.Random(20261130)
+    outcomes = []
+    for trial in range(10):
+        catalog = tmp_path / f"catalog-{trial}"
+        command = _audit_job(folder, tiny_sd_dir, catalog, "--batch-size", "1", "--rows-per-file", "1")
+        target, delay = draw.choice(["actor", "driver"]), draw.uniform(2.0, 12.0)
+        job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            deadline = time.monotonic() + delay
+            killed = False
+            while job.poll() is None and not killed and time.monotonic() < deadline + 60:
+                if time.monotonic() >= deadline:
+                    if target == "driver":
+                        os.killpg(job.pid, signal.SIGKILL)
+                        killed = True
+                    else:
+                        killed = _kill_auditor(job)  # no actor yet: try again in a moment
+                time.sleep(0.05)
+            job.wait(timeout=600)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(job.pid, signal.SIGKILL)
+        rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+        found = rows_by_id(str(catalog))
+        outcomes.append((target, round(delay, 1), killed, sum(len(v) for v in found.values())))
+        assert sorted(found) == expected, outcomes  # rows expected = rows found
+        assert all(statuses == ["ok"] for statuses in found.values()), outcomes  # 0 duplicates, 0 errors
+    print("kill trials (target, delay s, killed, rows):", outcomes)

@@ -138,18 +138,20 @@ def _all(units) -> list[dict]:
 def test_folder_of_img2dataset_shards_lists_tars_not_their_parquets(shard_folder):
     folder, expected = shard_folder
     units = list_units(str(folder))
-    assert units == [Unit("tar", str(folder / f"{s:05d}.tar")) for s in range(3)]
+    assert units == [Unit("tar", str(folder / f"{s:05d}.tar"), str(folder)) for s in range(3)]
 
     records = _all(units)
-    assert [r["image_id"] for r in records] == sorted(expected)
+    # a key is unique only within its shard: the id is qualified by the shard
+    assert [r["image_id"] for r in records] == [f"{key[:5]}.tar/{key}" for key in sorted(expected)]
     for record in records:
+        key = record["image_id"].split("/", 1)[1]
         assert record["error"] is None
-        assert record["data"] == expected[record["image_id"]]
+        assert record["data"] == expected[key]
         assert record["uri"] is None
-        shard = record["image_id"][:5]
-        assert record["source"] == f"{folder / (shard + '.tar')}#{record['image_id']}"
+        shard = key[:5]
+        assert record["source"] == f"{folder / (shard + '.tar')}#{key}"
         # .txt wins over the sibling parquet and the .json
-        assert record["caption"] == f"a photo {int(shard)}-{int(record['image_id'][5:])}"
+        assert record["caption"] == f"a photo {int(shard)}-{int(key[5:])}"
     assert set(records[0]) == {"image_id", "data", "uri", "caption", "source", "error"}
 
 
@@ -196,7 +198,7 @@ def test_tar_groups_members_by_key_whatever_their_order(tmp_path):
     path = tmp_path / "shard.tar"
     path.write_bytes(_tar_bytes(members))
     records = list(read_unit(Unit("tar", str(path))))
-    assert [r["image_id"] for r in records] == ["a", "sub/b", "c", "d"]
+    assert [r["image_id"] for r in records] == ["shard.tar/a", "shard.tar/sub/b", "shard.tar/c", "shard.tar/d"]
     assert records[0]["caption"] == "caption of a" and records[0]["data"] == data
     assert records[1]["caption"] == "from json"
     # a sample with a caption but no image is reported, not dropped
@@ -219,7 +221,7 @@ def test_truncated_tar_yields_complete_samples_then_one_error(tmp_path):
     path.write_bytes(_cut_inside_member(tar, 2))  # members: 0.jpg, 0.txt, 1.jpg (cut), ...
 
     records = list(read_unit(Unit("tar", str(path))))
-    assert [r["image_id"] for r in records] == [_key(0, 0), "00000.tar#truncated"]
+    assert [r["image_id"] for r in records] == [f"00000.tar/{_key(0, 0)}", "00000.tar#truncated"]
     assert records[0]["data"] == _image_bytes(0) * 4 and records[0]["caption"] == "first"
     damaged = records[-1]
     assert damaged["data"] is None
@@ -238,7 +240,7 @@ def test_tar_cut_at_a_member_boundary_is_still_reported(tmp_path):
         path = tmp_path / "cut.tar"
         path.write_bytes(cut)
         records = list(read_unit(Unit("tar", str(path))))
-        assert [r["image_id"] for r in records] == [_key(0, 0), "cut.tar#truncated"]
+        assert [r["image_id"] for r in records] == [f"cut.tar/{_key(0, 0)}", "cut.tar#truncated"]
         assert "truncated or corrupt tar" in records[-1]["error"]
         assert "the data ends" in records[-1]["error"]
 
@@ -309,8 +311,9 @@ def test_pickle_members_are_never_unpickled(tmp_path, monkeypatch):
     records = list(read_unit(list_units(str(path))[0]))
 
     assert not sentinel.exists()
-    assert records[0]["image_id"] == _key(0, 0) and records[0]["data"] == image and records[0]["error"] is None
-    assert records[1]["image_id"] == "evil" and records[1]["data"] is None
+    assert records[0]["image_id"] == f"00000.tar/{_key(0, 0)}" and records[0]["data"] == image
+    assert records[0]["error"] is None
+    assert records[1]["image_id"] == "00000.tar/evil" and records[1]["data"] is None
     assert "no image in sample" in records[1]["error"]
     assert all(payload != r["data"] for r in records)
 
@@ -339,7 +342,7 @@ def test_brace_pattern_keeps_padding_and_skips_missing_shards(bucket):
         _write(f"{bucket}/laion/{shard:05d}.parquet", _parquet_bytes(table))
     units = list_units(f"{bucket}/laion/{{00000..00003}}.tar")
     base = "memory:///" + bucket.removeprefix("memory://")  # memory paths are absolute: the canonical URI has 3 slashes
-    assert units == [Unit("tar", f"{base}/laion/{s:05d}.tar") for s in (0, 1, 3)]
+    assert units == [Unit("tar", f"{base}/laion/{s:05d}.tar", f"{base}/laion") for s in (0, 1, 3)]
     records = _all(units)
     assert len(records) == 9 and all(r["error"] is None for r in records)
     assert records[0]["caption"] == "a photo 0-0"
@@ -354,7 +357,8 @@ def test_brace_pattern_keeps_padding_and_skips_missing_shards(bucket):
 def test_brace_pattern_on_local_disk(shard_folder):
     folder, expected = shard_folder
     units = list_units(str(folder / "{00001..00005}.tar"))
-    assert units == [Unit("tar", str(folder / "00001.tar")), Unit("tar", str(folder / "00002.tar"))]
+    assert units == [Unit("tar", str(folder / f"0000{s}.tar"), str(folder)) for s in (1, 2)]
+    assert _all(units)[0]["image_id"].startswith("00001.tar/")  # relative to the pattern's folder
 
 
 def test_glob_with_relative_ids(bucket):
@@ -530,7 +534,7 @@ def test_img2dataset_parquet_streams_bytes_and_skips_failed_rows(tmp_path, bucke
     (unit,) = list_units(path)
     assert unit.kind == "parquet"
     records = list(read_unit(unit))
-    assert [r["image_id"] for r in records] == [_key(0, i) for i in (0, 1, 3, 4)]
+    assert [r["image_id"] for r in records] == [f"00000.parquet/{_key(0, i)}" for i in (0, 1, 3, 4)]
     assert [r["data"] for r in records] == images
     assert [r["caption"] for r in records] == ["zero", "one", "three", "four"]
     assert records[0]["source"] == f"{unit.uri}#{_key(0, 0)}" and records[0]["uri"] is None
@@ -539,7 +543,7 @@ def test_img2dataset_parquet_streams_bytes_and_skips_failed_rows(tmp_path, bucke
     local = tmp_path / "shard7.parquet"
     local.write_bytes(_parquet_bytes(keyless))
     ids = [r["image_id"] for r in read_unit(list_units(str(local))[0])]
-    assert ids == ["shard7-0", "shard7-1", "shard7-3", "shard7-4"]  # row numbers in the file
+    assert ids == [f"shard7.parquet/{i}" for i in (0, 1, 3, 4)]  # row numbers in the file
 
 
 def test_image_parquet_without_status_and_other_column_shapes(tmp_path):
@@ -596,30 +600,36 @@ def _csv(rows: list[dict]) -> bytes:
 
 
 def test_csv_manifest_with_ids_and_relative_uris(tmp_path):
-    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "imgs").mkdir(parents=True)
+    (tmp_path / "m" / "imgs" / "cat.jpg").write_bytes(_image_bytes(1))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "dog.png").write_bytes(_image_bytes(2, "PNG"))
     rows = [
         {"id": "cat", "uri": "imgs/cat.jpg", "caption": "a cat"},
         {"id": "", "uri": "../other/dog.png", "caption": ""},
         {"id": "abs", "uri": "/srv/abs.jpg", "caption": "x"},
         {"id": "web", "uri": "https://example.com/w.jpg", "caption": "y"},
         {"id": "hole", "uri": "", "caption": "z"},
+        {"id": "gone", "uri": "imgs/gone.jpg", "caption": ""},
     ]
     manifest = tmp_path / "m" / "list.csv"
     manifest.write_bytes(_csv(rows))
     (unit,) = list_units(str(manifest))
-    assert unit == Unit("manifest", str(manifest))
+    assert unit == Unit("manifest", str(manifest), allowed=(str(tmp_path / "m") + "/",))
     records = list(read_unit(unit))
-    assert [r["image_id"] for r in records] == ["cat", "../other/dog.png", "abs", "web", "hole"]
-    assert [r["uri"] for r in records[:4]] == [
-        str(tmp_path / "m" / "imgs" / "cat.jpg"),
-        str(tmp_path / "other" / "dog.png"),
-        "/srv/abs.jpg",
-        "https://example.com/w.jpg",
-    ]
-    assert all(r["data"] is None for r in records)
-    assert [r["caption"] for r in records[:2]] == ["a cat", None]
-    assert records[0]["error"] is None and records[0]["source"] == records[0]["uri"]
+    assert [r["image_id"] for r in records] == ["cat", "../other/dog.png", "abs", "web", "hole", "gone"]
+    # the manifest's own folder is read (bytes in the record, for the resume key)
+    assert records[0]["uri"] == str(tmp_path / "m" / "imgs" / "cat.jpg") and records[0]["error"] is None
+    assert records[0]["data"] == _image_bytes(1) and records[0]["caption"] == "a cat"
+    assert records[0]["source"] == records[0]["uri"]
+    # everything else a manifest names is refused unread, with the way to allow it
+    for refused, target in zip(records[1:4], ["other/dog.png", "/srv/abs.jpg", "https://example.com/w.jpg"]):
+        assert refused["data"] is None and "--allow-uri-prefix" in refused["error"] and target in refused["error"]
+    assert records[1]["caption"] is None
     assert records[4]["uri"] is None and "has no uri" in records[4]["error"]
+    assert "missing file" in records[5]["error"]
+    allowed = list_units(str(manifest), allow_uri_prefixes=(str(tmp_path / "other"),))[0]
+    assert list(read_unit(allowed))[1]["data"] == _image_bytes(2, "PNG")
 
 
 def test_jsonl_manifest_without_id_on_memory_fs(bucket):
@@ -643,6 +653,8 @@ def test_jsonl_manifest_without_id_on_memory_fs(bucket):
     assert records[0]["uri"] == unit.uri.rsplit("/", 1)[0] + "/imgs/a.jpg"
     assert records[0]["caption"] == "first" and records[2]["caption"] is None
     assert "not JSON" in records[1]["error"] and "not a JSON object" in records[3]["error"]
+    assert "missing file" in records[0]["error"]  # in the manifest's own bucket: read (and missing)
+    assert "--allow-uri-prefix" in records[2]["error"]  # another bucket: refused unread
     # the resolved uri reads back through the same filesystem
     _write(records[0]["uri"], b"bytes of a")
     with fsspec.open(records[0]["uri"], "rb") as handle:

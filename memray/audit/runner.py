@@ -14,7 +14,6 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,6 +30,7 @@ from memray.data.images import (
     strip_height,
     to_model_tensor,
 )
+from memray.data.sources import stable_path_id
 from memray.measures import rng
 from memray.measures.invmm import invmm
 from memray.measures.noise_inversion import invert_noise
@@ -97,7 +97,7 @@ def _image_input(item) -> ImageInput:
     if isinstance(item, ImageInput):
         return item
     path = str(item)
-    return ImageInput(image_id=Path(path).name if "://" not in path else path.rsplit("/", 1)[-1], uri=path, source=path)
+    return ImageInput(image_id=stable_path_id(path, None), uri=path, source=path)
 
 
 def audit_batch(

@@ -94,7 +94,7 @@ pairs AS (
         b.uncond_replication_rate AS base_uncond_rate,
         n.uncond_replication_rate AS new_uncond_rate,
         b.config_hash IS DISTINCT FROM n.config_hash AS config_differs
-    FROM base AS b JOIN new AS n USING (image_id)
+    FROM base AS b JOIN new AS n USING (image_id, image_sha256)
 ),
 judged AS (
     SELECT *,
@@ -115,9 +115,11 @@ SELECT * FROM judged
 ORDER BY len(regressions) > 0 DESC, invmm_kl_change ASC NULLS LAST, image_id
 """
 _ONLY_IN_SQL = """
-SELECT image_id FROM latest WHERE model = $this
-EXCEPT
-SELECT image_id FROM latest WHERE model = $other
+SELECT image_id FROM (
+    SELECT image_id, image_sha256 FROM latest WHERE model = $this
+    EXCEPT
+    SELECT image_id, image_sha256 FROM latest WHERE model = $other
+)
 ORDER BY image_id
 """
 _MODELS_SQL = "SELECT DISTINCT model FROM latest ORDER BY model"

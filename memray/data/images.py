@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import os
+import stat
 import struct
 
 import fsspec
@@ -19,6 +21,9 @@ from PIL import Image, ImageOps
 
 # PIL's default warning threshold (Image.MAX_IMAGE_PIXELS): about 0.25 GiB as 24-bit RGB.
 DEFAULT_MAX_PIXELS = 89_478_485
+# One image bigger than this is refused unread, whatever reads it: it is not a photo, and it
+# could take the worker down.
+MAX_IMAGE_BYTES = 256 * 1024 * 1024
 
 # Formats seen in web scrapes. Restricting Image.open keeps exotic decoders away from untrusted
 # bytes (EPS, for one, shells out to Ghostscript). MPO camera files open through "JPEG".
@@ -69,15 +74,26 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_bytes(uri: str) -> bytes:
-    """Read a local path or any fsspec URL into memory."""
+def read_bytes(uri: str, *, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+    """Read a local path or any fsspec URL into memory: at most `max_bytes`, from a regular file.
+
+    Every way memray reads an image goes through here (or reads a shard member under the same
+    cap), so one limit holds everywhere; a device or pipe (/dev/zero) is refused before a read.
+    """
+    local = "://" not in uri or uri.startswith("file://")
+    path = uri[len("file://") :] if uri.startswith("file://") else uri
     try:
+        if local and not stat.S_ISREG(os.stat(path).st_mode):
+            raise ImageDecodeError(f"not a regular file: {uri}")
         with fsspec.open(uri, "rb") as handle:
-            return handle.read()
+            data = handle.read(max_bytes + 1)
     except FileNotFoundError as error:
         raise ImageDecodeError(f"missing file: {uri}") from error
     except OSError as error:  # a directory, no permission, a storage error: this image's fault alone
         raise ImageDecodeError(f"unreadable file: {uri}: {error}") from error
+    if len(data) > max_bytes:
+        raise ImageDecodeError(f"file is over {max_bytes} bytes, not read: {uri}")
+    return data
 
 
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

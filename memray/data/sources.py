@@ -15,8 +15,10 @@ fail a whole distributed job.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
+import os
 import posixpath
 import re
 import tarfile
@@ -27,6 +29,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
+
+from memray.data.images import MAX_IMAGE_BYTES, ImageDecodeError, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +57,6 @@ URI_COLUMNS = ("uri", "url", "path")
 ID_COLUMNS = ("id", "image_id")
 CAPTION_COLUMNS = ("caption", "text")
 
-# One image bigger than this is refused unread: it is not a photo, and it could take the worker down.
-MAX_IMAGE_BYTES = 256 * 1024 * 1024
 # Caption side files (.txt, .json) bigger than this are ignored.
 MAX_TEXT_BYTES = 1024 * 1024
 # A brace pattern that expands to more names than this is a typo, not a dataset.
@@ -76,13 +78,14 @@ class SourceError(ValueError):
 class Unit:
     """One unit of reading work: an image file, a tar shard, an image parquet or a manifest.
 
-    `root` is set for image files found under a folder, glob or brace pattern: their image_id is
-    their path relative to it.
+    `root` is set for files found under a folder, glob or brace pattern: ids are relative to it
+    (image_id). `allowed` lists the URI prefixes a manifest's entries may point into.
     """
 
     kind: str  # "image" | "tar" | "parquet" | "manifest"
     uri: str
     root: str | None = None
+    allowed: tuple[str, ...] = ()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,8 +98,11 @@ def _strip_scheme(uri: str) -> str:
 
 
 def stable_path_id(uri: str, root: str | None) -> str:
-    """The id of an image file: its posix path relative to `root`, or its file name without one.
+    """The id of a file: its posix path relative to `root`, or its file name without one.
 
+    THE id rule (docs/catalog.md, "image ids"): an image file's id is this; an image inside a
+    shard or an image parquet is `{this id of its container}/{its key}`, since keys are unique
+    only within their container; a manifest row's id is the id it gives, else its uri as written.
     Only the path is compared (``file:///d/a.jpg`` under ``/d`` is ``a.jpg``), so the id does not
     change when the same folder is named with or without a scheme, or moved to another bucket.
     """
@@ -112,10 +118,6 @@ def stable_path_id(uri: str, root: str | None) -> str:
         raise ValueError(f"{uri} is not under {root}")
     relative = relative.lstrip("/")
     return relative or path.rsplit("/", 1)[-1]
-
-
-def _name(uri: str) -> str:
-    return _strip_scheme(uri).rstrip("/").rsplit("/", 1)[-1]
 
 
 def _lower_name(path: str) -> str:
@@ -264,8 +266,12 @@ class _Listing:
         return self.fs.unstrip_protocol(path)
 
 
-def list_units(source: str) -> list[Unit]:
-    """Turn a source string into units of reading work, sorted by URI (deterministic)."""
+def list_units(source: str, *, allow_uri_prefixes: tuple[str, ...] = ()) -> list[Unit]:
+    """Turn a source string into units of reading work, sorted by URI (deterministic).
+
+    A manifest's entries may point into its own root (uri_root) and into `allow_uri_prefixes`
+    only: a manifest is data, and must not make a worker read /etc/shadow or an internal server.
+    """
     if not isinstance(source, str) or not source.strip():
         raise SourceError("empty source")
     listing = _Listing(source.strip())
@@ -277,7 +283,40 @@ def list_units(source: str) -> list[Unit]:
     else:
         units = _list_path(listing, path)
     unique = {unit.uri: unit for unit in units}
-    return [unique[uri] for uri in sorted(unique)]
+    return [
+        dataclasses.replace(unique[uri], allowed=(uri_root(uri), *allow_uri_prefixes))
+        if unique[uri].kind == "manifest"
+        else unique[uri]
+        for uri in sorted(unique)
+    ]
+
+
+def uri_root(uri: str) -> str:
+    """The default place a manifest's entries may point into: its folder on a local disk, its bucket
+    on object storage, its folder URL on a web server."""
+    scheme = _SCHEME.match(uri)
+    if scheme and not uri.startswith("file://"):
+        rest = uri[scheme.end() :]
+        if scheme.group(0).lower() in ("http://", "https://"):
+            return scheme.group(0) + posixpath.dirname(rest) + "/"
+        return scheme.group(0) + rest.split("/", 1)[0] + "/"
+    return os.path.dirname(os.path.realpath(_local_path(uri))) + "/"
+
+
+def _local_path(uri: str) -> str:
+    return uri[len("file://") :] if uri.startswith("file://") else uri
+
+
+def uri_allowed(uri: str, allowed: tuple[str, ...]) -> bool:
+    """Whether `uri` lies under one of the `allowed` prefixes, after resolving `..` (and, on a local
+    disk, symbolic links): a path cannot climb out of an allowed folder."""
+    scheme = _SCHEME.match(uri)
+    if scheme and not uri.startswith("file://"):
+        normal = scheme.group(0) + posixpath.normpath(uri[scheme.end() :])
+        return any(normal.startswith(prefix) for prefix in allowed if _SCHEME.match(prefix))
+    path = os.path.realpath(_local_path(uri))
+    local = [os.path.realpath(_local_path(p)) for p in allowed if not _SCHEME.match(p) or p.startswith("file://")]
+    return any(path == folder or path.startswith(folder.rstrip("/") + "/") for folder in local)
 
 
 def _info(listing: _Listing, path: str) -> dict:
@@ -301,12 +340,13 @@ def _list_path(listing: _Listing, path: str) -> list[Unit]:
 
 
 def _files_under(listing: _Listing, folder: str) -> list[str]:
-    """Every file below `folder`, skipping hidden files and folders (.git, .ipynb_checkpoints, ._x.jpg)."""
+    """Every file below `folder` (symbolic links too: reading checks where they lead), skipping hidden
+    files and folders (.git, .ipynb_checkpoints, ._x.jpg)."""
     found = listing.fs.find(folder, detail=True)
     base = folder.rstrip("/")
     files = []
     for path, info in found.items():
-        if info.get("type", "file") != "file":
+        if info.get("type", "file") != "file" and not info.get("islink"):
             continue
         relative = path[len(base) + 1 :] if path.startswith(base + "/") else path.rsplit("/", 1)[-1]
         if any(part.startswith(".") for part in relative.split("/")):
@@ -354,11 +394,11 @@ def _collect(listing: _Listing, named: list[str], in_folders: list[str], image_r
         if _is_image(path):
             units.append(Unit("image", uri, root_uri))
         elif _is_tar(path):
-            units.append(Unit("tar", uri))
+            units.append(Unit("tar", uri, root_uri))
         elif _is_parquet(path) and path not in siblings:
             kind, reason = _parquet_kind(listing.fs, path)
             if kind == "parquet" or (kind == "manifest" and named_here):
-                units.append(Unit(kind, uri))
+                units.append(Unit(kind, uri, root_uri))
             elif kind is None:
                 log.warning("skipping %s: %s", uri, reason)
         elif named_here and _is_text_manifest(path):
@@ -520,18 +560,24 @@ def read_unit(unit: Unit) -> Iterator[dict]:
 
 def _read_image(unit: Unit) -> Iterator[dict]:
     image_id = stable_path_id(unit.uri, unit.root)
+    # A symbolic link in a source folder is read like a file, unless it leads out of the folder.
+    if unit.root is not None and not uri_allowed(unit.uri, (unit.root,)):
+        yield _record(image_id, source=unit.uri, uri=unit.uri, error=f"{unit.uri} links outside its source {unit.root}")
+        return
+    yield _read_record(image_id, unit.uri)
+
+
+def _read_record(image_id: str, uri: str, *, caption: str | None = None) -> dict:
+    """The record of one image file, its bytes read here (under the one size cap), or why not."""
     try:
-        with fsspec.open(unit.uri, "rb") as handle:
-            data = handle.read(MAX_IMAGE_BYTES + 1)
+        data = read_bytes(uri)
     except MemoryError:
         raise
+    except ImageDecodeError as error:
+        return _record(image_id, source=uri, uri=uri, caption=caption, error=str(error))
     except Exception as error:  # noqa: BLE001 - any storage error belongs to this image alone
-        yield _record(image_id, source=unit.uri, uri=unit.uri, error=f"cannot read {unit.uri}: {_describe(error)}")
-        return
-    if len(data) > MAX_IMAGE_BYTES:
-        yield _record(image_id, source=unit.uri, uri=unit.uri, error=f"file is over {MAX_IMAGE_BYTES} bytes, not read")
-        return
-    yield _record(image_id, source=unit.uri, uri=unit.uri, data=data)
+        return _record(image_id, source=uri, uri=uri, caption=caption, error=f"cannot read {uri}: {_describe(error)}")
+    return _record(image_id, source=uri, uri=uri, caption=caption, data=data)
 
 
 def _describe(error: BaseException) -> str:
@@ -634,6 +680,11 @@ class _SiblingCaptions:
                 key_col = _column(parquet.schema_arrow.names, ("key",))
                 caption_col = _column(parquet.schema_arrow.names, CAPTION_COLUMNS)
                 if key_col is None or caption_col is None:
+                    log.warning(
+                        "ignoring the captions of %s: it has no key and caption columns (columns: %s)",
+                        self.uri,
+                        ", ".join(parquet.schema_arrow.names),
+                    )
                     return {}
                 table = parquet.read(columns=[key_col, caption_col])
         except FileNotFoundError:
@@ -651,8 +702,14 @@ class _SiblingCaptions:
         return captions
 
 
+def _member_id(unit: Unit, key: str) -> str:
+    """The id of an image inside a shard or an image parquet: qualified by its container (stable_path_id)."""
+    return f"{stable_path_id(unit.uri, unit.root)}/{key}"
+
+
 def _tar_sample_record(unit: Unit, key: str, parts: dict, exts: list[str], sidecar: _SiblingCaptions) -> dict:
     source = f"{unit.uri}#{key}"
+    image_id = _member_id(unit, key)
     caption = _clean_caption(parts.get("txt"))
     if caption is None:
         caption = sidecar.get(key)
@@ -665,19 +722,21 @@ def _tar_sample_record(unit: Unit, key: str, parts: dict, exts: list[str], sidec
             caption = _clean_caption(meta["caption"])
     image_ext = next((ext for ext in _TAR_IMAGE_EXTS if ext in exts), None)
     if image_ext is None:
-        return _record(key, source=source, caption=caption, error=f"no image in sample (members: {', '.join(exts)})")
+        return _record(
+            image_id, source=source, caption=caption, error=f"no image in sample (members: {', '.join(exts)})"
+        )
     if image_ext not in parts:
         return _record(
-            key,
+            image_id,
             source=source,
             caption=caption,
             error=f"image member {key}.{image_ext} is over {MAX_IMAGE_BYTES} bytes, not read",
         )
-    return _record(key, source=source, data=parts[image_ext], caption=caption)
+    return _record(image_id, source=source, data=parts[image_ext], caption=caption)
 
 
 def _read_tar(unit: Unit) -> Iterator[dict]:
-    shard = _name(unit.uri)
+    shard = stable_path_id(unit.uri, unit.root)
     sidecar = _SiblingCaptions(unit.uri)
     try:
         opened = fsspec.open(unit.uri, "rb")
@@ -746,8 +805,7 @@ def _read_member(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
 
 
 def _read_parquet(unit: Unit) -> Iterator[dict]:
-    name = _name(unit.uri)
-    stem = name[: -len(".parquet")] if name.lower().endswith(".parquet") else name
+    name = stable_path_id(unit.uri, unit.root)
     row = 0
     try:
         with fsspec.open(unit.uri, "rb") as handle:
@@ -772,12 +830,13 @@ def _read_parquet(unit: Unit) -> Iterator[dict]:
                     if status_col and values[status_col][i] != "success":
                         continue  # img2dataset keeps rows of failed downloads, without bytes
                     key = values[key_col][i] if key_col else None
-                    image_id = str(key) if key not in (None, "") else f"{stem}-{index}"
+                    key = str(key) if key not in (None, "") else str(index)
+                    image_id = _member_id(unit, key)
                     data = values[image_col][i]
                     if isinstance(data, dict):
                         data = data.get("bytes")
                     caption = _clean_caption(values[caption_col][i]) if caption_col else None
-                    source = f"{unit.uri}#{image_id}"
+                    source = f"{unit.uri}#{key}"
                     if data is None:
                         yield _record(image_id, source=source, caption=caption, error="no image bytes in this row")
                     elif len(data) > MAX_IMAGE_BYTES:
@@ -844,7 +903,8 @@ def _manifest_rows(unit: Unit) -> Iterator[tuple[int, dict | None, str | None]]:
 
 
 def _read_manifest(unit: Unit) -> Iterator[dict]:
-    name = _name(unit.uri)
+    name = stable_path_id(unit.uri, unit.root)
+    allowed = unit.allowed or (uri_root(unit.uri),)
     row = -1
     try:
         for row, item, problem in _manifest_rows(unit):
@@ -869,8 +929,15 @@ def _read_manifest(unit: Unit) -> Iterator[dict]:
                 continue
             # Without an id, the id is the uri as written: it stays the same when the manifest and
             # its images move together.
-            uri = _resolve(written, unit.uri)
-            yield _record(given_id or written, source=uri, uri=uri, caption=caption)
+            uri, image_id = _resolve(written, unit.uri), given_id or written
+            if uri_allowed(uri, allowed):
+                yield _read_record(image_id, uri, caption=caption)
+            else:
+                problem = (
+                    f"manifest {unit.uri} points outside where it may ({', '.join(allowed)}): {uri}; "
+                    "allow it with --allow-uri-prefix"
+                )
+                yield _record(image_id, source=uri, caption=caption, error=problem)
     except MemoryError:
         raise
     except Exception as error:  # noqa: BLE001 - a damaged manifest: keep the rows read so far

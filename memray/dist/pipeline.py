@@ -10,6 +10,7 @@ skips every image that already has a row for the same model fingerprint and conf
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -19,12 +20,22 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import fsspec
 import pyarrow as pa
 
 from memray.audit.runner import ImageInput, audit_batch, check_compatible
 from memray.catalog.schema import AuditRow, rows_to_table
-from memray.catalog.store import Catalog, CatalogWriter, CrashJournal
-from memray.config import AuditConfig, from_dict
+from memray.catalog.store import (
+    Catalog,
+    CatalogWriter,
+    CrashJournal,
+    RunLease,
+    check_writable,
+    open_fs,
+    write_bytes,
+)
+from memray.config import AuditConfig, ConfigError, from_dict
+from memray.data.images import sha256_hex
 from memray.data.sources import Unit, count_images, list_units, read_unit
 
 log = logging.getLogger(__name__)
@@ -49,6 +60,24 @@ class PipelineOptions:
     max_failed_batches: int = 64  # a batch that fails past its retries is skipped (and reported)
     rows_per_file: int = 2000
     flush_seconds: float = 60.0
+    allow_uri_prefixes: tuple[str, ...] = ()  # where manifests may point besides their own root
+
+    def __post_init__(self):
+        problems = [
+            f"{name} must be at least 1, got {getattr(self, name)}"
+            for name in ("actors", "batch_size", "rows_per_file", "max_worker_deaths")
+            if not getattr(self, name) >= 1
+        ]
+        if not self.cpus_per_actor > 0:
+            problems.append(f"cpus_per_actor must be > 0, got {self.cpus_per_actor}")
+        if self.gpus_per_actor is not None and not self.gpus_per_actor >= 0:
+            problems.append(f"gpus_per_actor must be >= 0, got {self.gpus_per_actor}")
+        if problems:
+            raise PipelineError("; ".join(problems))
+
+
+class PipelineError(ConfigError):
+    """Pipeline options or a cluster that cannot run the audit, found before any work starts."""
 
 
 class Auditor:
@@ -67,7 +96,7 @@ class Auditor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         inputs = [ImageInput(**record) for record in batch.to_pylist()]
-        deaths = {inp.image_id: self.journal.deaths(inp.image_id) for inp in inputs}
+        deaths = {_key(inp): self.journal.deaths(_key(inp)) for inp in inputs}
         if any(deaths.values()):
             # A worker died on this batch before: one image at a time, so a death points at one image.
             rows = [row for inp in inputs for row in self._audit([inp], deaths)]
@@ -75,25 +104,77 @@ class Auditor:
             rows = self._audit(inputs, deaths)
         return rows_to_table(rows)
 
-    def _audit(self, inputs: list[ImageInput], deaths: dict[str, int]) -> list[AuditRow]:
+    def _audit(self, inputs: list[ImageInput], deaths: dict) -> list[AuditRow]:
         for inp in inputs:
-            if deaths[inp.image_id] >= self.max_worker_deaths:
+            if deaths[_key(inp)] >= self.max_worker_deaths:
                 inp.error = (
-                    f"the worker died {deaths[inp.image_id]} times while auditing this image (out of memory, "
+                    f"the worker died {deaths[_key(inp)]} times while auditing this image (out of memory, "
                     "or a crash in native code); not retried"
                 )
             else:
-                self.journal.mark(inp.image_id, deaths[inp.image_id])
+                self.journal.mark(_key(inp), deaths[_key(inp)])
         audits = audit_batch(self.loaded, inputs, self.config, run_id=self.run_id)
         for inp in inputs:
-            self.journal.unmark(inp.image_id)
+            self.journal.unmark(_key(inp))
         return [a.row for a in audits]
 
 
-def _read_records(unit_row: dict, *, skip: frozenset[str]) -> Iterator[dict]:
+def _key(record) -> tuple[str, str | None]:
+    """An image's identity for resume and the crash journal: its id and the hash of its bytes."""
+    data = record["data"] if isinstance(record, dict) else record.data
+    image_id = record["image_id"] if isinstance(record, dict) else record.image_id
+    return image_id, None if data is None else sha256_hex(data)
+
+
+class RunLedger:
+    """What each read task read, kept beside the catalog until the run ends (`_runs/<run_id>/`).
+
+    A read task writes the keys of its unit when it has yielded them all (a retried task writes the
+    same file again). At the end the driver holds every unit's keys against the rows it received:
+    an image read but without a row, or a unit never read to its end, leaves the run unfinished
+    (exit 1) instead of green. Nothing read is ever dropped silently.
+    """
+
+    def __init__(self, catalog_url: str, run_id: str):
+        self.folder = f"{catalog_url.rstrip('/')}/_runs/{run_id}"
+
+    def _path(self, unit_uri: str) -> str:
+        return f"{self.folder}/{hashlib.sha256(unit_uri.encode()).hexdigest()[:32]}.json"
+
+    def record(self, unit_uri: str, keys: list[tuple[str, str | None]]) -> None:
+        """The unit was read to its end, yielding `keys`."""
+        write_bytes(self._path(unit_uri), json.dumps({"unit": unit_uri, "keys": keys}).encode())
+
+    def unfinished(self, unit_uris: list[str], written: set[tuple[str, str | None]]) -> list[str]:
+        """Images read but without a row, and units never read to their end (as `unit: <uri>`)."""
+        missing = []
+        for uri in unit_uris:
+            try:
+                with fsspec.open(self._path(uri), "rb") as handle:
+                    keys = {tuple(key) for key in json.loads(handle.read())["keys"]}
+            except FileNotFoundError:
+                missing.append(f"unit: {uri}")
+                continue
+            missing += sorted(image_id for image_id, sha in keys - written)
+        return missing
+
+    def remove(self) -> None:
+        """Forget the run's bookkeeping (after its outcome has been judged)."""
+        fs, folder = open_fs(self.folder)
+        if fs.exists(folder):
+            fs.rm(folder, recursive=True)
+
+
+def _read_records(unit_row: dict, *, skip: frozenset, ledger: RunLedger) -> Iterator[dict]:
     """The records of one unit, minus images that resume skips (their bytes never leave the task)."""
-    unit = Unit(kind=unit_row["kind"], uri=unit_row["uri"], root=unit_row["root"])
-    return (record for record in read_unit(unit) if record["image_id"] not in skip)
+    unit = Unit(kind=unit_row["kind"], uri=unit_row["uri"], root=unit_row["root"], allowed=tuple(unit_row["allowed"]))
+    keys = []
+    for record in read_unit(unit):
+        key = _key(record)
+        if key not in skip:
+            keys.append(key)
+            yield record
+    ledger.record(unit.uri, keys)
 
 
 class ProgressLog:
@@ -131,12 +212,41 @@ class AuditSummary:
     """What a run did: rows written, skipped by resume, images left unfinished, files, seconds."""
 
     run_id: str
+    model: str  # the model's slug: the catalog partition its rows went to
     rows: int
     errors: int
     skipped: int
-    unfinished: list[str]  # their batch failed past its retries: a rerun picks them up
+    unfinished: list[str]  # read but without a row, or units never read: a rerun picks them up
     files: list[str]
     seconds: float
+
+
+def preflight(model_ref: str, catalog_url: str, config: AuditConfig, options: PipelineOptions) -> tuple[str, str]:
+    """Every fault that can be found before Ray work starts: (checkpoint path, model fingerprint).
+
+    The configuration is already validated (AuditConfig); here the checkpoint's weights must be
+    whole safetensors (or allowed pickles), the model family must run the configured measures, and
+    the catalog must take a real atomic write and delete.
+    """
+    from memray.models import adapter_class
+    from memray.models.loading import model_fingerprint, require_safe_weights, resolve_checkpoint
+
+    path = resolve_checkpoint(model_ref)
+    require_safe_weights(path, allow_pickle=options.allow_pickle)
+    check_compatible(config, adapter_class(path))
+    check_writable(catalog_url)
+    return str(path), model_fingerprint(path)
+
+
+def _check_resources(ray, options: PipelineOptions, gpus: float) -> None:
+    """An actor that asks more of one node than any node has would wait forever: refuse it now."""
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    most_cpus = max((node.get("CPU", 0) for node in nodes), default=0)
+    most_gpus = max((node.get("GPU", 0) for node in nodes), default=0)
+    if options.cpus_per_actor > most_cpus:
+        raise PipelineError(f"--cpus-per-actor {options.cpus_per_actor}: no node of the cluster has more than {most_cpus:g} CPUs")
+    if gpus > most_gpus:
+        raise PipelineError(f"{gpus:g} GPUs per actor: no node of the cluster has more than {most_gpus:g} GPUs")
 
 
 def run_audit(
@@ -149,65 +259,74 @@ def run_audit(
     """Audit every image of `sources` with `model_ref`, appending rows to the catalog at `catalog_url`."""
     import ray
 
-    from memray.models import adapter_class
-    from memray.models.loading import model_fingerprint, require_safe_weights, resolve_checkpoint
+    from memray.models.loading import model_slug
 
     started = time.monotonic()
-    # Faults of the configuration or the checkpoint stop the job here, before any actor starts.
-    path = resolve_checkpoint(model_ref)
-    require_safe_weights(path, allow_pickle=options.allow_pickle)
-    check_compatible(config, adapter_class(path))
-    fingerprint = model_fingerprint(path)
-    done = Catalog(catalog_url).completed_keys(fingerprint, config.hash(), include_errors=not options.retry_errors)
-    units = [unit for source in sources for unit in list_units(source)]
-    counts = [count_images(unit) for unit in units]
-    total = None if None in counts else max(0, sum(counts) - len(done))
+    _, fingerprint = preflight(model_ref, catalog_url, config, options)
+    units = [u for source in sources for u in list_units(source, allow_uri_prefixes=options.allow_uri_prefixes)]
     run_id = uuid.uuid4().hex[:12]
-    log.info("run %s: %d units, %s images to audit, %d already audited", run_id, len(units), total, len(done))
-
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        # Under `ray job submit` RAY_ADDRESS names the job's cluster; elsewhere start a private
-        # local Ray rather than joining whatever cluster last ran on this machine.
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False)
-    gpus = options.gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-    journal = CrashJournal(catalog_url, fingerprint, config.hash())
-    ray.data.DataContext.get_current().max_errored_blocks = options.max_failed_batches
-    dataset = ray.data.from_items([{"kind": u.kind, "uri": u.uri, "root": u.root} for u in units])
-    dataset = dataset.flat_map(functools.partial(_read_records, skip=frozenset(done)))
-    # One block per batch: rows stream out as each batch finishes (not when a whole shard has),
-    # and a batch that fails past its retries loses only itself.
-    dataset = dataset.repartition(target_num_rows_per_block=options.batch_size)
-    dataset = dataset.map_batches(
-        Auditor,
-        fn_constructor_args=(model_ref, config.to_json(), run_id, options, journal),
-        batch_size=options.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=options.actors),
-        num_gpus=gpus,
-        num_cpus=options.cpus_per_actor,
-        max_restarts=options.max_restarts,
-        max_task_retries=options.max_task_retries,
-    )
-    writer = CatalogWriter(catalog_url, target_rows=options.rows_per_file, max_seconds=options.flush_seconds)
-    progress = ProgressLog(total)
+    lease = RunLease(catalog_url, fingerprint, config.hash(), run_id)
+    lease.acquire()  # a second audit of the same model and config into this catalog refuses here
+    started_ray = False
     try:
-        for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-            rows = [AuditRow(**record) for record in table.to_pylist()]
-            writer.add(rows)
-            progress.update(rows)
+        done = Catalog(catalog_url).completed_keys(fingerprint, config.hash(), include_errors=not options.retry_errors)
+        counts = [count_images(unit) for unit in units]
+        total = None if None in counts else max(0, sum(counts) - len(done))
+        log.info("run %s: %d units, %s images to audit, %d already audited", run_id, len(units), total, len(done))
+
+        started_ray = not ray.is_initialized()
+        if started_ray:
+            # Under `ray job submit` RAY_ADDRESS names the job's cluster; elsewhere start a private
+            # local Ray rather than joining whatever cluster last ran on this machine.
+            ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False)
+        gpus = options.gpus_per_actor
+        if gpus is None:
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        _check_resources(ray, options, gpus)
+        journal = CrashJournal(catalog_url, fingerprint, config.hash(), run_id)
+        ledger = RunLedger(catalog_url, run_id)
+        ray.data.DataContext.get_current().max_errored_blocks = options.max_failed_batches
+        dataset = ray.data.from_items(
+            [{"kind": u.kind, "uri": u.uri, "root": u.root, "allowed": list(u.allowed)} for u in units]
+        )
+        dataset = dataset.flat_map(functools.partial(_read_records, skip=frozenset(done), ledger=ledger))
+        # One block per batch: rows stream out as each batch finishes (not when a whole shard has),
+        # and a batch that fails past its retries loses only itself.
+        dataset = dataset.repartition(target_num_rows_per_block=options.batch_size)
+        dataset = dataset.map_batches(
+            Auditor,
+            fn_constructor_args=(model_ref, config.to_json(), run_id, options, journal),
+            batch_size=options.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=options.actors),
+            num_gpus=gpus,
+            num_cpus=options.cpus_per_actor,
+            max_restarts=options.max_restarts,
+            max_task_retries=options.max_task_retries,
+        )
+        writer = CatalogWriter(catalog_url, target_rows=options.rows_per_file, max_seconds=options.flush_seconds)
+        progress = ProgressLog(total)
+        written: set[tuple[str, str | None]] = set()
+        try:
+            for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                rows = [AuditRow(**record) for record in table.to_pylist()]
+                writer.add(rows)
+                written.update((row.image_id, row.image_sha256) for row in rows)
+                progress.update(rows)
+        finally:
+            writer.close()
+        progress.print()
+        unfinished = ledger.unfinished([u.uri for u in units], written)
+        ledger.remove()
     finally:
-        writer.close()
         if started_ray:
             ray.shutdown()
-    progress.print()
-    unfinished = journal.marked()
+        lease.release()
     if unfinished:
         log.warning("%d images have no row yet (their batch failed); rerun to audit them", len(unfinished))
     return AuditSummary(
         run_id=run_id,
+        model=model_slug(model_ref, fingerprint),
         rows=progress.done,
         errors=progress.errors,
         skipped=len(done),

@@ -58,7 +58,8 @@ def load_model(
         device=device,
         autocast_dtype=PRECISIONS[precision],
     )
-    return LoadedModel(adapter=adapter, ref=ref, slug=model_slug(ref), fingerprint=model_fingerprint(path))
+    fingerprint = model_fingerprint(path)
+    return LoadedModel(adapter=adapter, ref=ref, slug=model_slug(ref, fingerprint), fingerprint=fingerprint)
 
 
 def adapter_class(path) -> type[DiffusionAdapter]:

@@ -79,7 +79,7 @@ def _cache_root(cache_dir: str | Path | None) -> Path:
 def _cached_copy(fs, remote: str, ref: str, cache_root: Path) -> Path:
     # Keyed by URL alone: a checkpoint that changes in place under the same URL is not re-fetched,
     # but model_fingerprint() hashes what was actually copied, so results are never mislabelled.
-    target = cache_root / f"{model_slug(ref)}-{hashlib.sha256(ref.encode()).hexdigest()[:16]}"
+    target = cache_root / f"{model_label(ref)}-{hashlib.sha256(ref.encode()).hexdigest()[:16]}"
     if target.is_dir():
         return target
     root = remote.rstrip("/")
@@ -123,7 +123,13 @@ def _hub_snapshot(repo_id: str) -> Path:
 
 
 def _read_model_index(path: Path) -> dict:
-    return json.loads((path / MODEL_INDEX).read_text())
+    try:
+        index = json.loads((path / MODEL_INDEX).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise CheckpointError(f"{path / MODEL_INDEX} is not readable JSON: {error}. {LAYOUT_HINT}") from error
+    if not isinstance(index, dict):
+        raise CheckpointError(f"{path / MODEL_INDEX} is not a JSON object. {LAYOUT_HINT}")
+    return index
 
 
 def pipeline_class_name(path: Path) -> str:
@@ -135,16 +141,23 @@ def pipeline_class_name(path: Path) -> str:
 
 
 def require_safe_weights(path: Path, *, allow_pickle: bool) -> None:
-    """Refuse components whose only weights are pickles, unless pickle loading is explicitly allowed."""
-    if allow_pickle:
-        return
+    """Refuse components whose only weights are pickles (unless pickle loading is explicitly allowed)
+    and safetensors files whose header does not describe a whole file (truncated, corrupt)."""
+    from safetensors import SafetensorError, safe_open
+
     for name in _read_model_index(path):
         folder = path / name
         if name.startswith("_") or not folder.is_dir():
             continue
         weights = [f for f in sorted(folder.rglob("*")) if f.suffix in WEIGHT_SUFFIXES and f.is_file()]
+        for file in (f for f in weights if f.suffix == ".safetensors"):
+            try:
+                with safe_open(str(file), framework="pt") as handle:
+                    handle.keys()
+            except (SafetensorError, OSError) as error:
+                raise CheckpointError(f"{file} is not a whole safetensors file ({error}); copy it again") from error
         pickles = [f for f in weights if f.suffix in PICKLE_SUFFIXES]
-        if pickles and len(pickles) == len(weights):
+        if not allow_pickle and pickles and len(pickles) == len(weights):
             raise CheckpointError(
                 f"component {name!r} of {path} has only pickle weights ({pickles[0].name}); pickle "
                 "checkpoints can execute arbitrary code when loaded. Convert them to safetensors, or "
@@ -169,12 +182,18 @@ def _file_sha256(file: Path) -> bytes:
     return digest.digest()
 
 
-def model_slug(ref: str) -> str:
-    """A short name for the model, safe in file names and Hive partition values."""
+def model_label(ref: str) -> str:
+    """The checkpoint's folder name, safe in file names and Hive partition values."""
     parts = [p for p in ref.replace("\\", "/").split("/") if p not in ("", ".", "..")]
-    slug = re.sub(r"[^a-z0-9._-]", "-", parts[-1].lower()) if parts else ""
+    label = re.sub(r"[^a-z0-9._-]", "-", parts[-1].lower()) if parts else ""
     # A leading dot would make the name a hidden file, which dataset readers silently skip.
-    return slug.lstrip(".") or "model"
+    return label.lstrip(".") or "model"
+
+
+def model_slug(ref: str, fingerprint: str) -> str:
+    """The model's name in the catalog (the partition key): its folder name as a label, then the first
+    8 hex digits of its fingerprint, which decide: two checkpoints in folders of the same name stay apart."""
+    return f"{model_label(ref)}-{fingerprint[:8]}"
 
 
 def load_component(path: Path, name: str, cls, *, allow_pickle: bool, dtype: torch.dtype | None = None):

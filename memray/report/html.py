@@ -13,6 +13,7 @@ import base64
 import datetime as dt
 import html
 import os
+import re
 
 from memray.catalog.compare import ComparePolicy, Comparison, compare_models
 from memray.catalog.report_queries import ReportData, report_data
@@ -64,7 +65,12 @@ class _Html(str):
 def _e(value) -> _Html:
     if isinstance(value, _Html):
         return value
-    return _Html(html.escape("–" if value is None else str(value)))
+    # NUL and other control characters in scraped text would reach the page raw: replace them.
+    text = "–" if value is None else _CONTROL.sub("\ufffd", str(value))
+    return _Html(html.escape(text))
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 def _num(value) -> str:
