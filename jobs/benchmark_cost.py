@@ -14,8 +14,9 @@ import time
 
 import torch
 
-from memray.audit.runner import ImageInput, audit_batch
+from memray.auditing.runner import audit_batch
 from memray.config import PRESETS, V1_CHAIN
+from memray.data.records import ImageInput
 from memray.demo import demo_images
 from memray.models import load_model
 from memray.models.tiny import build_tiny_sd

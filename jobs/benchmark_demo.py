@@ -30,8 +30,9 @@ import numpy as np
 import torch
 from scipy import stats
 
-from memray.audit.runner import ImageInput, audit_batch
+from memray.auditing.runner import audit_batch
 from memray.config import AuditConfig
+from memray.data.records import ImageInput
 from memray.demo import read_demo_manifest, trained_demo_manifest, trained_demo_model
 from memray.measures import rng
 from memray.measures.noise_inversion import invert_noise

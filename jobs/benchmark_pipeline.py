@@ -18,11 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from memray.catalog.reader import Catalog
 from memray.catalog.schema import AuditRow
-from memray.catalog.store import Catalog, CatalogWriter
+from memray.catalog.writer import CatalogWriter
 from memray.config import PRESETS
 from memray.demo import demo_model_dir, write_demo_images
-from memray.dist.pipeline import PipelineOptions, run_audit
+from memray.distributed.pipeline import PipelineOptions, run_audit
 
 
 def audit_throughput(model: Path, manifest: Path, catalog: Path, config, options: PipelineOptions) -> str:

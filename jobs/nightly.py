@@ -34,19 +34,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from memray.catalog.compare import Comparison, compare_models, previous_model  # noqa: E402
-from memray.catalog.store import Catalog, open_fs, write_bytes  # noqa: E402
+from memray.catalog.files import open_fs, write_bytes  # noqa: E402
+from memray.catalog.reader import Catalog  # noqa: E402
 from memray.cli import (  # noqa: E402
-    USAGE_ERRORS,
-    _common,
-    _explicit_measures,
-    _fit_measures,
+    add_model_args,
     add_pipeline_args,
     add_policy_args,
-    build_config,
+    audit_config,
     pipeline_options,
     policy_from_args,
 )
-from memray.dist.pipeline import run_audit  # noqa: E402
+from memray.distributed.pipeline import run_audit  # noqa: E402
+from memray.errors import USAGE_ERRORS  # noqa: E402
 from memray.models import adapter_class  # noqa: E402
 from memray.models.loading import MODEL_INDEX, CheckpointError, resolve_checkpoint  # noqa: E402
 from memray.report.html import write_report  # noqa: E402
@@ -86,16 +85,14 @@ def parse_args(argv) -> tuple[argparse.Namespace, list[str]]:
 def parse_audit_args(audit_argv: list[str], checkpoint: str) -> argparse.Namespace:
     """The audit configuration flags, parsed as `memray audit` parses them."""
     parser = argparse.ArgumentParser(prog="jobs/nightly.py", allow_abbrev=False)
-    _common(parser)
+    add_model_args(parser)
     return parser.parse_args([*audit_argv, "--model", checkpoint])
 
 
 def audit(args, audit_argv: list[str], checkpoint: str):
     """Audit the protected set with the checkpoint (resuming); returns (AuditSummary, config hash)."""
     audit_args = parse_audit_args(audit_argv, checkpoint)
-    config = build_config(audit_args)
-    family = adapter_class(resolve_checkpoint(checkpoint))
-    config = _fit_measures(config, family, explicit=_explicit_measures(audit_args))
+    config = audit_config(audit_args, adapter_class(resolve_checkpoint(checkpoint)))
     options = pipeline_options(argparse.Namespace(**vars(args), **vars(audit_args)))
     print(f"nightly: auditing {', '.join(args.protected)} with {checkpoint} (config {config.hash()})", flush=True)
     return run_audit(args.protected, checkpoint, args.catalog, config, options), config.hash()

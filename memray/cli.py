@@ -9,11 +9,13 @@ import sys
 import time
 from pathlib import Path
 
-from memray.catalog.schema import SCHEMA_VERSION
-from memray.catalog.store import CatalogLeaseError, CatalogQueryError, CatalogWriteError
-from memray.config import PRESETS, AuditConfig, ConfigError, apply_overrides, load_config
-from memray.data.sources import SourceError
-from memray.models.loading import CheckpointError
+from memray.errors import USAGE_ERRORS, ConfigError
+from memray.formatting import format_value
+
+PRESET_NAMES = ("quick", "reference")  # memray.config.PRESETS, named here so --help needs no torch
+
+# Everything else is imported by the command that needs it: `memray --help` and `memray query`
+# never load torch.
 
 
 class Progress:
@@ -37,9 +39,11 @@ class Progress:
         self.stream.flush()
 
 
-def build_config(args) -> AuditConfig:
-    """Preset or file, then --set overrides, then the shortcut flags."""
-    base = load_config(args.config) if args.config else PRESETS[args.preset]()
+def build_config(args):
+    """The AuditConfig of the flags: preset or file, then --set overrides, then the shortcut flags."""
+    from memray.config import apply_overrides, load_config, preset_config
+
+    base = load_config(args.config) if args.config else preset_config(args.preset)
     shortcuts = {}
     if args.sscd:
         shortcuts["similarity"] = {"kind": "sscd", "sscd_path": args.sscd}
@@ -50,12 +54,13 @@ def build_config(args) -> AuditConfig:
     return apply_overrides(base, args.set or [], **shortcuts)
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The checkpoint and audit configuration flags; shared with jobs/nightly.py."""
     parser.add_argument("--model", required=True, help="checkpoint: local diffusers directory, fsspec URL or hub id")
     parser.add_argument("--config", help="TOML/YAML/JSON audit configuration")
     parser.add_argument(
         "--preset",
-        choices=sorted(PRESETS),
+        choices=PRESET_NAMES,
         default="reference",
         help="base configuration (default: reference hyperparameters)",
     )
@@ -75,44 +80,34 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _load(args, config: AuditConfig):
+def _load(args, config):
     from memray.models import load_model
 
     return load_model(args.model, device=args.device, precision=config.precision, allow_pickle=args.allow_pickle)
 
 
-def _fit_measures(config: AuditConfig, family, explicit: bool) -> AuditConfig:
-    """Unconditional models cannot run prompt measures: drop them unless the user asked for them."""
-    from memray.audit.runner import supported_measures
+def audit_config(args, model):
+    """The AuditConfig of the flags of add_model_args, fitted to the model (an adapter or its class):
+    an unconditional model cannot run prompt measures, so they are dropped, unless the user named
+    the measures (then a mismatch is an error at start-up)."""
+    from memray.auditing.runner import supported_measures
 
-    if explicit:
+    config = build_config(args)
+    if args.config or any(s.startswith("measures=") for s in args.set or []):
         return config
-    return config.replace(measures=list(supported_measures(config, family)))
+    return config.replace(measures=list(supported_measures(config, model)))
 
-
-def _explicit_measures(args) -> bool:
-    return bool(args.config) or any(s.startswith("measures=") for s in args.set or [])
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, list):
-        return f"[{len(value)} values]"
-    return str(value)
 
 
 def cmd_inspect(args) -> int:
     """Audit one image and write its figures."""
-    from memray.audit.runner import ImageInput, audit_batch, replica_samples
+    from memray.auditing.runner import ImageInput, audit_batch, replica_samples
     from memray.data.sources import stable_path_id
     from memray.report.plots import save_error_distributions, save_image_row
 
     config = build_config(args)
     loaded = _load(args, config)
-    config = _fit_measures(config, loaded.adapter, explicit=_explicit_measures(args))
+    config = audit_config(args, loaded.adapter)
     image = Path(args.image)
     item = ImageInput(
         image_id=stable_path_id(str(image), None), uri=str(image), caption=args.caption, source=str(image)
@@ -127,7 +122,7 @@ def cmd_inspect(args) -> int:
     row = result.row
     for key, value in row.to_dict().items():
         if key != "config":
-            print(f"{key:28s} {_fmt(value)}")
+            print(f"{key:28s} {format_value(value)}")
     if row.status != "ok":
         return 1
     out = Path(args.out)
@@ -135,7 +130,7 @@ def cmd_inspect(args) -> int:
     written = []
     if result.invmm_mu is not None:
         target = loaded.adapter.decode_latents(result.z0.unsqueeze(0).to(loaded.adapter.device))[0]
-        samples = replica_samples(loaded, result, config, count=args.samples)
+        samples, _ = replica_samples(loaded, result, config, count=args.samples)
         written.append(
             save_image_row([target, *samples], out / "samples.png", scale=max(1, 256 // loaded.adapter.resolution))
         )
@@ -150,19 +145,9 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def print_ranked(rows, stream=None, truth: dict[str, str] | None = None) -> None:
-    """Rows ranked most memorised first (unprompted replication, InvMM KL, M4 shift); `truth` adds a column."""
+def print_rows(rows, stream=None, truth: dict[str, str] | None = None) -> None:
+    """Rows as an aligned table in the order given; `truth` adds a column."""
     stream = stream or sys.stdout
-
-    def rank(row):
-        return (
-            row.status != "ok",
-            -(row.uncond_replication_rate or 0.0),
-            row.invmm_kl is None,
-            row.invmm_kl or 0.0,
-            -(row.err_shift_relative or 0.0),
-        )
-
     columns = [
         "image_id",
         "verdict",
@@ -178,11 +163,11 @@ def print_ranked(rows, stream=None, truth: dict[str, str] | None = None) -> None
     ]
     table = [
         [
-            _fmt(getattr(row, c)) if row.status == "ok" or c == "image_id" else (row.error if c == "verdict" else "")
+            format_value(getattr(row, c)) if row.status == "ok" or c == "image_id" else (row.error if c == "verdict" else "")
             for c in columns
         ]
         + ([truth.get(row.image_id, "-")] if truth else [])
-        for row in sorted(rows, key=rank)
+        for row in rows
     ]
     columns += ["truth"] if truth else []
     widths = [max(len(c), *(len(r[i]) for r in table)) if table else len(c) for i, c in enumerate(columns)]
@@ -209,8 +194,8 @@ def add_pipeline_args(parser: argparse.ArgumentParser) -> None:
 
 
 def pipeline_options(args):
-    """PipelineOptions from the flags of add_pipeline_args and _common."""
-    from memray.dist.pipeline import PipelineOptions
+    """PipelineOptions from the flags of add_pipeline_args and add_model_args."""
+    from memray.distributed.pipeline import PipelineOptions
 
     return PipelineOptions(
         actors=args.actors,
@@ -227,12 +212,11 @@ def pipeline_options(args):
 
 def cmd_audit(args) -> int:
     """Audit every image of the sources on Ray (a local cluster is started on demand) into a catalog."""
-    from memray.dist.pipeline import run_audit
+    from memray.distributed.pipeline import run_audit
     from memray.models import adapter_class
     from memray.models.loading import resolve_checkpoint
 
-    config = build_config(args)
-    config = _fit_measures(config, adapter_class(resolve_checkpoint(args.model)), explicit=_explicit_measures(args))
+    config = audit_config(args, adapter_class(resolve_checkpoint(args.model)))
     options = pipeline_options(args)
     print(f"auditing {', '.join(args.sources)} with {args.model} into {args.catalog} (config {config.hash()})")
     summary = run_audit(args.sources, args.model, args.catalog, config, options)
@@ -245,7 +229,9 @@ def cmd_audit(args) -> int:
 
 def cmd_query(args) -> int:
     """Run read-only SQL over the catalog's views `audits` and `latest`."""
-    from memray.catalog.store import Catalog, format_table, write_parquet
+    from memray.catalog.files import write_parquet
+    from memray.catalog.reader import Catalog
+    from memray.formatting import format_table
 
     table = Catalog(args.catalog, must_exist=True).query(args.sql, timeout=args.timeout or None)
     if args.format == "parquet":
@@ -264,7 +250,8 @@ def cmd_query(args) -> int:
 
 def cmd_migrate(args) -> int:
     """Rewrite a catalog's files of older schema versions in the current one."""
-    from memray.catalog.store import migrate_catalog
+    from memray.catalog.schema import SCHEMA_VERSION
+    from memray.catalog.writer import migrate_catalog
 
     migrated = migrate_catalog(args.catalog)
     print(f"migrated {len(migrated)} files to schema version {SCHEMA_VERSION}", file=sys.stderr)
@@ -273,18 +260,19 @@ def cmd_migrate(args) -> int:
 
 def cmd_demo(args) -> int:
     """The main job on the embedded default: the demo model with planted memorization, on its demo images."""
+    from memray.catalog.reader import Catalog
+    from memray.catalog.report_queries import run_rows
     from memray.catalog.schema import AuditRow
-    from memray.catalog.store import Catalog
+    from memray.config import load_config
     from memray.demo import demo_audit_config, trained_demo_model, write_demo_sample
-    from memray.dist.pipeline import PipelineOptions, run_audit
+    from memray.distributed.pipeline import PipelineOptions, run_audit
 
     out = Path(args.out)
     manifest, truth = write_demo_sample(out / "demo-images", None if args.all else args.per_group)
     config = load_config(args.config or demo_audit_config())
     catalog = str(out / "catalog")
     summary = run_audit([str(manifest)], str(trained_demo_model()), catalog, config, PipelineOptions(cpus_per_actor=1))
-    table = Catalog(catalog).query(f"SELECT * FROM audits WHERE run_id = '{summary.run_id}'")
-    print_ranked([AuditRow(**row) for row in table.to_pylist()], truth=truth)
+    print_rows([AuditRow(**row) for row in run_rows(Catalog(catalog), summary.run_id)], truth=truth)
     print(f'catalog: {catalog}  (memray query {catalog} "SELECT * FROM latest")', file=sys.stderr)
     print(f"report: memray report {catalog} --out {out / 'report.html'}", file=sys.stderr)
     return 0 if not summary.unfinished else 1
@@ -292,13 +280,13 @@ def cmd_demo(args) -> int:
 
 def cmd_config(args) -> int:
     """Print the effective configuration as JSON with its hash."""
-    config = load_config(args.config) if args.config else PRESETS[args.preset]()
+    from memray.config import load_config, preset_config
+
+    config = load_config(args.config) if args.config else preset_config(args.preset)
     print(json.dumps({"config_hash": config.hash(), **config.to_dict()}, indent=2))
     return 0
 
 
-# Faults of the user's input: reported in one line with exit code 2, not as a traceback.
-USAGE_ERRORS = (ConfigError, CatalogQueryError, CatalogWriteError, CatalogLeaseError, SourceError, CheckpointError)
 
 
 def _off_or(cast):
@@ -357,7 +345,7 @@ def policy_from_args(args):
 def cmd_compare(args) -> int:
     """Compare two audited models image by image; exit code 1 when the policy is violated."""
     from memray.catalog.compare import compare_models
-    from memray.catalog.store import Catalog
+    from memray.catalog.reader import Catalog
 
     comparison = compare_models(Catalog(args.catalog, must_exist=True), args.base, args.new, policy_from_args(args))
     if args.out:
@@ -368,7 +356,7 @@ def cmd_compare(args) -> int:
 
 def cmd_report(args) -> int:
     """Write the HTML report of a catalog."""
-    from memray.catalog.store import Catalog
+    from memray.catalog.reader import Catalog
     from memray.report.html import write_report
 
     Catalog(args.catalog, must_exist=True)  # a mistyped catalog is an error, not an empty report
@@ -394,7 +382,7 @@ def main(argv=None) -> int:
         "--out", default="memray-out/inspect", help="folder for samples.png, error_distributions.png, row.json"
     )
     p.add_argument("--samples", type=int, default=4, help="replicas to generate from the InvMM distribution")
-    _common(p)
+    add_model_args(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("audit", help="audit image sources on Ray into a Parquet catalog (resumable)")
@@ -403,7 +391,7 @@ def main(argv=None) -> int:
     )
     p.add_argument("--catalog", required=True, help="catalog folder or URL (s3://bucket/memray-catalog)")
     add_pipeline_args(p)
-    _common(p)
+    add_model_args(p)
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("query", help="read-only SQL over a catalog (views: audits, latest)")
@@ -429,7 +417,7 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("config", help="print the effective configuration and its hash")
     p.add_argument("--config")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="reference")
+    p.add_argument("--preset", choices=PRESET_NAMES, default="reference")
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("compare", help="per-image changes between two audited models; exit 1 on regressions")

@@ -16,6 +16,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from memray.auditing.measures import REGISTRY
+from memray.errors import ConfigError
 from memray.measures.invmm import InvMMConfig
 from memray.measures.noise_inversion import NoiseInversionConfig
 from memray.measures.prompt_inversion import HardPromptConfig, SoftPromptConfig
@@ -23,22 +25,11 @@ from memray.measures.wasserstein import WassersteinConfig
 from memray.measures.wen import WenConfig
 from memray.measures.z0_error import Z0ErrorConfig
 
-MEASURES = (
-    "z0_error",
-    "noise_inversion",
-    "prompt_inversion",
-    "wasserstein",
-    "invmm",
-    "uncond_replication",
-    "wen",
-    "hard_prompt",
-)
+MEASURES = tuple(REGISTRY)
 V1_CHAIN = ("z0_error", "noise_inversion", "prompt_inversion", "wasserstein")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot run: unknown key, wrong type or value out of range."""
 
 
 @dataclass(frozen=True)
@@ -190,8 +181,10 @@ def validate(config: AuditConfig) -> None:
         problems.append(f"measures: unknown {unknown}; known: {list(MEASURES)}")
     if config.precision not in PRECISIONS:
         problems.append(f"precision: {config.precision!r} is not one of {list(PRECISIONS)}")
-    if "wasserstein" in config.measures and "prompt_inversion" not in config.measures:
-        problems.append("measures: 'wasserstein' needs 'prompt_inversion' (it compares against the inverted prompt)")
+    for name in config.measures:
+        missing = [need for need in REGISTRY[name].needs if need not in config.measures] if name in REGISTRY else []
+        if missing:
+            problems.append(f"measures: {name!r} needs {missing} (it uses what they find)")
     positive = {
         "z0_error.timesteps": config.z0_error.timesteps,
         "z0_error.noises": config.z0_error.noises,
@@ -342,3 +335,10 @@ def quick_config() -> AuditConfig:
 
 
 PRESETS = {"reference": AuditConfig, "quick": quick_config}
+
+
+def preset_config(name: str) -> AuditConfig:
+    """The configuration a preset names."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+    return PRESETS[name]()

@@ -46,7 +46,7 @@ def moto_s3_server():
 
 @contextlib.contextmanager
 def s3_environment(endpoint: str):
-    """Point AWS clients (boto3, s3fs, memray.catalog.store.open_fs) at `endpoint`; restore after."""
+    """Point AWS clients (boto3, s3fs, memray.catalog.files.open_fs) at `endpoint`; restore after."""
     saved = {key: os.environ.get(key) for key in (*_ENV_SET, *_ENV_CLEARED, "AWS_ENDPOINT_URL")}
     try:
         for key in _ENV_CLEARED:

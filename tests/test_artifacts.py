@@ -12,11 +12,13 @@ import torch
 from conftest import png_bytes, tiny_budgets
 from PIL import Image
 
-from memray.audit import runner
-from memray.audit.runner import ImageInput, audit_batch, replica_samples
+from memray.auditing import runner
+from memray.auditing.runner import audit_batch, replica_samples
+from memray.catalog.reader import Catalog
 from memray.catalog.schema import ARROW_SCHEMA
-from memray.catalog.store import Catalog, CatalogWriter
+from memray.catalog.writer import CatalogWriter
 from memray.data.images import image_row_png, strip_height
+from memray.data.records import ImageInput
 
 # latent L2 is unbounded below: -1e9 replicates at InvMM's first check, 1e9 never does
 REPLICATING = tiny_budgets().replace(similarity={"kind": "latent_l2", "threshold": -1e9, "nulls": False})
@@ -68,7 +70,7 @@ def test_replicas_strip_is_the_target_then_the_replicas(tiny_sd, sd_audits):
         assert strip.shape == (height, (COUNT + 1) * height + COUNT * 2, 3)
         first = decode(image_row_png([target(tiny_sd, audit)], height=height))
         np.testing.assert_array_equal(strip[:, :height], first)
-        samples = replica_samples(tiny_sd, audit, SD, COUNT)  # seeded by the image: the same replicas
+        samples, _ = replica_samples(tiny_sd, audit, SD, COUNT)  # seeded by the image: the same replicas
         expected = decode(image_row_png([target(tiny_sd, audit), *samples], height=height))
         np.testing.assert_array_equal(strip, expected)
 

@@ -13,10 +13,11 @@ import torch
 from conftest import png_bytes, tiny_budgets
 from PIL import Image
 
-from memray.audit.runner import ImageInput, audit_batch, check_compatible, supported_measures
-from memray.audit.verdict import decide
+from memray.auditing.runner import audit_batch, check_compatible, supported_measures
+from memray.auditing.verdict import decide
 from memray.catalog.schema import AuditRow
 from memray.config import ConfigError, VerdictConfig, quick_config
+from memray.data.records import ImageInput
 from memray.models.tiny import TINY_WORDS
 
 

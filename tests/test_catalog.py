@@ -17,17 +17,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from memray.catalog import store
+from memray.catalog import files as catalog_files
+from memray.catalog.files import open_fs, write_parquet
+from memray.catalog.reader import Catalog
 from memray.catalog.schema import ARROW_SCHEMA, COLUMNS, AuditRow
-from memray.catalog.store import (
-    Catalog,
-    CatalogQueryError,
-    CatalogWriter,
-    CrashJournal,
-    format_table,
-    open_fs,
-    write_parquet,
-)
+from memray.catalog.writer import CatalogWriter
+from memray.distributed.bookkeeping import CrashJournal
+from memray.errors import CatalogQueryError
+from memray.formatting import format_table
 
 pytest_plugins = ["s3server"]  # fixtures s3_server, s3_endpoint, s3_bucket (tests/s3server.py)
 
@@ -136,13 +133,13 @@ def test_crash_before_rename_leaves_nothing_visible_and_retry_writes_once(tmp_pa
             raise OSError("disk gone")
         real_replace(src, dst)
 
-    monkeypatch.setattr(store.os, "replace", crash_on_second)
+    monkeypatch.setattr(catalog_files.os, "replace", crash_on_second)
     with pytest.raises(OSError, match="disk gone"):
         writer.flush()
     # the first partition is in, the second is neither visible nor left as a temporary file
     assert [f.split(os.sep)[0] for f in all_files(root)] == ["model=sd-a"]
     assert writer.buffered == 1 and writer.rows_written == 1
-    monkeypatch.setattr(store.os, "replace", real_replace)
+    monkeypatch.setattr(catalog_files.os, "replace", real_replace)
     writer.close()
     assert Catalog(root).query("SELECT image_id, model FROM audits ORDER BY image_id").to_pylist() == [
         {"image_id": "a", "model": "sd-a"},
@@ -198,7 +195,7 @@ def test_migrate_rewrites_older_files_in_the_current_schema_and_keeps_each_rows_
     import dataclasses
 
     from memray.catalog.schema import SCHEMA_VERSION
-    from memray.catalog.store import migrate_catalog
+    from memray.catalog.writer import migrate_catalog
 
     write(tmp_path, [row("current")])
     old = row("old")

@@ -11,7 +11,7 @@ from conftest import png_bytes
 from PIL import Image
 
 from memray.catalog.schema import AuditRow
-from memray.catalog.store import CatalogWriter
+from memray.catalog.writer import CatalogWriter
 from memray.cli import main
 
 SMALL = (

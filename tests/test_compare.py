@@ -7,9 +7,11 @@ import json
 import pytest
 
 from memray.catalog.compare import ComparePolicy, compare_models, previous_model
+from memray.catalog.reader import Catalog
 from memray.catalog.schema import AuditRow
-from memray.catalog.store import Catalog, CatalogQueryError, CatalogWriter
+from memray.catalog.writer import CatalogWriter
 from memray.cli import main
+from memray.errors import CatalogQueryError
 
 BASE, NEW = "ckpt-001", "ckpt-002"
 OFF = ["--kl-drop-rel", "off", "--max-newly-memorized", "off", "--max-newly-replicated", "off"]

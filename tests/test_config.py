@@ -93,10 +93,10 @@ def test_replace_merges_nested_sections():
 
 
 def test_the_precision_flag_sets_the_config_and_its_hash():
-    from memray.cli import _common, build_config
+    from memray.cli import add_model_args, build_config
 
     parser = argparse.ArgumentParser()
-    _common(parser)
+    add_model_args(parser)
     default = build_config(parser.parse_args(["--model", "m"]))
     bf16 = build_config(parser.parse_args(["--model", "m", "--precision", "bf16"]))
     assert (default.precision, bf16.precision) == ("fp32", "bf16")

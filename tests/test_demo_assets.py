@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from memray.catalog.store import Catalog
+from memray.catalog.reader import Catalog
 from memray.cli import main
 from memray.demo import (
     DEMO_ASSETS,

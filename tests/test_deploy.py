@@ -309,7 +309,7 @@ def test_the_nightly_report_lands_on_a_claim_that_outlives_the_cluster():
 def test_the_audit_rayjob_entrypoint_works_locally_on_the_demo_model(tmp_path):
     from test_distributed import SMALL_FLAGS
 
-    from memray.catalog.store import Catalog
+    from memray.catalog.reader import Catalog
     from memray.demo import demo_model_dir, write_demo_images
 
     (spec,) = [doc["spec"] for _, doc in manifests() if doc["kind"] == "RayJob"]

@@ -12,8 +12,8 @@ import pytest
 from conftest import png_bytes, tiny_budgets
 from s3server import s3_environment
 
-from memray.catalog.store import Catalog
-from memray.dist.pipeline import PipelineOptions, run_audit
+from memray.catalog.reader import Catalog
+from memray.distributed.pipeline import PipelineOptions, run_audit
 
 pytestmark = pytest.mark.slow
 pytest_plugins = ["s3server"]

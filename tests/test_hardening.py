@@ -16,22 +16,16 @@ import pytest
 from conftest import png_bytes
 from test_distributed import CONFIG, write_shard
 
+from memray.catalog.reader import Catalog
 from memray.catalog.schema import AuditRow
-from memray.catalog.store import (
-    Catalog,
-    CatalogLeaseError,
-    CatalogQueryError,
-    CatalogWriteError,
-    CatalogWriter,
-    CrashJournal,
-    RunLease,
-    check_writable,
-)
+from memray.catalog.writer import CatalogWriter, check_writable
 from memray.cli import main
 from memray.config import ConfigError, load_config
 from memray.data.images import ImageDecodeError, read_bytes
 from memray.data.sources import list_units, read_unit
-from memray.dist.pipeline import PipelineError, PipelineOptions, RunLedger, run_audit
+from memray.distributed.bookkeeping import CrashJournal, RunLease, RunLedger
+from memray.distributed.pipeline import PipelineError, PipelineOptions, run_audit
+from memray.errors import CatalogLeaseError, CatalogQueryError, CatalogWriteError
 from memray.models.loading import CheckpointError, model_slug, require_safe_weights
 
 TINY = [

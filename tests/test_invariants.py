@@ -19,9 +19,10 @@ import pytest
 import torch
 from conftest import png_bytes, threshold_targets, tiny_budgets
 
-from memray.audit.runner import ImageInput, audit_batch
+from memray.auditing.runner import audit_batch
 from memray.config import quick_config
 from memray.data.images import decode_image, to_model_tensor
+from memray.data.records import ImageInput
 from memray.measures import rng
 from memray.measures.invmm import InvMMConfig, _PromptDistribution, invmm
 from memray.measures.noise_inversion import NoiseInversionConfig, invert_noise

@@ -13,7 +13,7 @@ import pytest
 from conftest import png_bytes
 from test_distributed import SMALL_FLAGS
 
-from memray.catalog.store import Catalog
+from memray.catalog.reader import Catalog
 from memray.models.tiny import build_tiny_sd
 
 pytest_plugins = ["s3server"]

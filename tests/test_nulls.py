@@ -11,10 +11,11 @@ import pytest
 import torch
 from conftest import png_bytes, threshold_targets
 
-from memray.audit.runner import ImageInput, audit_batch
-from memray.audit.verdict import decide
+from memray.auditing.runner import audit_batch
+from memray.auditing.verdict import decide
 from memray.catalog.schema import AuditRow
 from memray.config import ConfigError, SimilarityConfig, VerdictConfig, quick_config
+from memray.data.records import ImageInput
 from memray.measures import rng
 from memray.measures.invmm import InvMMConfig, caption_start_logits, invmm
 from memray.measures.similarity import (

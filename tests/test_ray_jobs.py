@@ -18,7 +18,7 @@ import pytest
 from conftest import png_bytes
 from test_distributed import SMALL_FLAGS, rows_by_id, write_shard
 
-from memray.catalog.store import Catalog
+from memray.catalog.reader import Catalog
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent

@@ -17,9 +17,10 @@ from PIL import Image
 from test_nightly import load_job
 
 from memray.catalog.schema import AuditRow
-from memray.catalog.store import CatalogQueryError, CatalogWriter
+from memray.catalog.writer import CatalogWriter
 from memray.cli import main
 from memray.data.images import image_row_png
+from memray.errors import CatalogQueryError
 from memray.report.html import write_report
 
 pytest_plugins = ["s3server"]

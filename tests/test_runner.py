@@ -6,8 +6,9 @@ import torch
 from conftest import png_bytes
 
 import memray
-from memray.audit.runner import ImageInput, audit_batch, replica_samples
+from memray.auditing.runner import audit_batch, replica_samples
 from memray.config import quick_config
+from memray.data.records import ImageInput
 
 TINY = quick_config().replace(
     measures=["invmm", "z0_error"],
@@ -57,9 +58,12 @@ def test_costs_count_only_unet_work_and_split_wall_time_by_evaluations(tiny_sd):
 
 def test_replicas_come_from_the_images_inverted_distribution(tiny_sd):
     (result,) = audit_batch(tiny_sd, [ImageInput("r0", data=png_bytes(30))], TINY)
-    samples = replica_samples(tiny_sd, result, TINY, count=3)
+    samples, tally = replica_samples(tiny_sd, result, TINY, count=3)
+    assert tally.forwards.tolist() == [
+        3 * TINY.invmm.sampling_steps * (1 if (result.row.invmm_guidance or 1.0) == 1 else 2)
+    ]
     assert samples.shape == (3, 3, tiny_sd.adapter.resolution, tiny_sd.adapter.resolution)
     assert samples.min() >= -1 and samples.max() <= 1
-    again = replica_samples(tiny_sd, result, TINY, count=3)
+    again, _ = replica_samples(tiny_sd, result, TINY, count=3)
     torch.testing.assert_close(samples, again)  # seeded by the image id: reproducible
     assert not torch.allclose(samples[0], samples[1])

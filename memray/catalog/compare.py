@@ -27,7 +27,9 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from memray.catalog.store import Catalog, CatalogQueryError, format_table
+from memray.catalog.reader import Catalog
+from memray.errors import CatalogQueryError
+from memray.formatting import format_table
 
 _IDS_IN_MESSAGE = 10
 _DESCRIPTIONS = {

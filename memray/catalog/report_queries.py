@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from memray.catalog.compare import previous_model
-from memray.catalog.store import Catalog
+from memray.catalog.reader import Catalog
 
 # Most memorized first: replicated from the empty prompt (the most severe kind), then replicated
 # by InvMM with the lowest KL, then the largest Wasserstein shift.
@@ -70,6 +70,18 @@ SELECT image_id, caption, wasserstein, wasserstein_shift_sd, err_uncond_quantile
 FROM latest WHERE model = $model AND err_uncond_quantiles IS NOT NULL AND err_cond_quantiles IS NOT NULL
 ORDER BY {_RANK} LIMIT 1
 """
+
+
+_RUN_SQL = f"SELECT * FROM audits WHERE run_id = $run_id ORDER BY status <> 'ok', {_RANK}"
+
+
+def run_rows(catalog: Catalog, run_id: str) -> list[dict]:
+    """Every row one audit run wrote, most memorized first (the report's ranking), errors last."""
+    con = catalog.connect()
+    try:
+        return _records(con, _RUN_SQL, run_id=run_id)
+    finally:
+        con.close()
 
 
 @dataclass

@@ -4,7 +4,7 @@ A source string names a folder, a glob, a single image, a webdataset shard (or a
 shards, ``s3://b/laion/{00000..00099}.tar``), an img2dataset parquet with image bytes, or a
 manifest (Parquet, CSV or JSONL listing image URIs). `list_units` turns it into units of reading
 work, cheap to ship to a Ray task; `read_unit` turns one unit into records shaped like
-`memray.audit.runner.ImageInput`.
+`memray.auditing.runner.ImageInput`.
 
 Everything read here is untrusted (web scrapes): nothing is ever unpickled (tar members such as
 ``.pkl``/``.pt``/``.npy`` are skipped unread), images are not decoded (the auditor does that), and
@@ -31,6 +31,8 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from memray.data.images import MAX_IMAGE_BYTES, ImageDecodeError, read_bytes
+from memray.data.records import record
+from memray.errors import SourceError
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +72,6 @@ _GLOB_CHARS = "*?["
 _TAR_IMAGE_EXTS = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
 
 
-class SourceError(ValueError):
-    """A source string that names nothing readable, or something memray cannot read."""
 
 
 @dataclass(frozen=True)
@@ -533,10 +533,6 @@ def _text_manifest_problem(fs, path: str) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def _record(image_id, *, source, data=None, uri=None, caption=None, error=None) -> dict:
-    return {"image_id": image_id, "data": data, "uri": uri, "caption": caption, "source": source, "error": error}
-
-
 def _clean_caption(value) -> str | None:
     if value is None:
         return None
@@ -562,22 +558,22 @@ def _read_image(unit: Unit) -> Iterator[dict]:
     image_id = stable_path_id(unit.uri, unit.root)
     # A symbolic link in a source folder is read like a file, unless it leads out of the folder.
     if unit.root is not None and not uri_allowed(unit.uri, (unit.root,)):
-        yield _record(image_id, source=unit.uri, uri=unit.uri, error=f"{unit.uri} links outside its source {unit.root}")
+        yield record(image_id, source=unit.uri, uri=unit.uri, error=f"{unit.uri} links outside its source {unit.root}")
         return
-    yield _read_record(image_id, unit.uri)
+    yield _read_image_record(image_id, unit.uri)
 
 
-def _read_record(image_id: str, uri: str, *, caption: str | None = None) -> dict:
+def _read_image_record(image_id: str, uri: str, *, caption: str | None = None) -> dict:
     """The record of one image file, its bytes read here (under the one size cap), or why not."""
     try:
         data = read_bytes(uri)
     except MemoryError:
         raise
     except ImageDecodeError as error:
-        return _record(image_id, source=uri, uri=uri, caption=caption, error=str(error))
+        return record(image_id, source=uri, uri=uri, caption=caption, error=str(error))
     except Exception as error:  # noqa: BLE001 - any storage error belongs to this image alone
-        return _record(image_id, source=uri, uri=uri, caption=caption, error=f"cannot read {uri}: {_describe(error)}")
-    return _record(image_id, source=uri, uri=uri, caption=caption, data=data)
+        return record(image_id, source=uri, uri=uri, caption=caption, error=f"cannot read {uri}: {_describe(error)}")
+    return record(image_id, source=uri, uri=uri, caption=caption, data=data)
 
 
 def _describe(error: BaseException) -> str:
@@ -707,7 +703,7 @@ def _member_id(unit: Unit, key: str) -> str:
     return f"{stable_path_id(unit.uri, unit.root)}/{key}"
 
 
-def _tar_sample_record(unit: Unit, key: str, parts: dict, exts: list[str], sidecar: _SiblingCaptions) -> dict:
+def _tar_samplerecord(unit: Unit, key: str, parts: dict, exts: list[str], sidecar: _SiblingCaptions) -> dict:
     source = f"{unit.uri}#{key}"
     image_id = _member_id(unit, key)
     caption = _clean_caption(parts.get("txt"))
@@ -722,17 +718,17 @@ def _tar_sample_record(unit: Unit, key: str, parts: dict, exts: list[str], sidec
             caption = _clean_caption(meta["caption"])
     image_ext = next((ext for ext in _TAR_IMAGE_EXTS if ext in exts), None)
     if image_ext is None:
-        return _record(
+        return record(
             image_id, source=source, caption=caption, error=f"no image in sample (members: {', '.join(exts)})"
         )
     if image_ext not in parts:
-        return _record(
+        return record(
             image_id,
             source=source,
             caption=caption,
             error=f"image member {key}.{image_ext} is over {MAX_IMAGE_BYTES} bytes, not read",
         )
-    return _record(image_id, source=source, data=parts[image_ext], caption=caption)
+    return record(image_id, source=source, data=parts[image_ext], caption=caption)
 
 
 def _read_tar(unit: Unit) -> Iterator[dict]:
@@ -744,7 +740,7 @@ def _read_tar(unit: Unit) -> Iterator[dict]:
     except MemoryError:
         raise
     except Exception as error:  # noqa: BLE001
-        yield _record(f"{shard}#unreadable", source=unit.uri, error=f"cannot read tar {unit.uri}: {_describe(error)}")
+        yield record(f"{shard}#unreadable", source=unit.uri, error=f"cannot read tar {unit.uri}: {_describe(error)}")
         return
     state: dict = {}
     done = 0
@@ -765,7 +761,7 @@ def _read_tar(unit: Unit) -> Iterator[dict]:
             member_key, ext = split
             if member_key != key:
                 if key is not None:
-                    yield _tar_sample_record(unit, key, parts, exts, sidecar)
+                    yield _tar_samplerecord(unit, key, parts, exts, sidecar)
                     done += 1
                 key, parts, exts = member_key, {}, []
             exts.append(ext)
@@ -784,12 +780,12 @@ def _read_tar(unit: Unit) -> Iterator[dict]:
         opened.__exit__(None, None, None)
     if damage is None:
         if key is not None:
-            yield _tar_sample_record(unit, key, parts, exts, sidecar)
+            yield _tar_samplerecord(unit, key, parts, exts, sidecar)
         return
     # The last sample may be missing members (or be cut inside its image): only samples whose end
     # was seen are trusted.
     lost = f"; sample {key} incomplete" if key is not None else ""
-    yield _record(
+    yield record(
         f"{shard}#truncated",
         source=unit.uri,
         error=f"truncated or corrupt tar: {damage} (after {done} complete sample{'' if done == 1 else 's'}{lost})",
@@ -813,7 +809,7 @@ def _read_parquet(unit: Unit) -> Iterator[dict]:
             schema = parquet.schema_arrow
             image_col = _image_bytes_column(schema)
             if image_col is None:
-                yield _record(
+                yield record(
                     f"{name}#unreadable",
                     source=unit.uri,
                     error=f"no image bytes column ({', '.join(IMAGE_COLUMNS)}) in {unit.uri}",
@@ -838,17 +834,17 @@ def _read_parquet(unit: Unit) -> Iterator[dict]:
                     caption = _clean_caption(values[caption_col][i]) if caption_col else None
                     source = f"{unit.uri}#{key}"
                     if data is None:
-                        yield _record(image_id, source=source, caption=caption, error="no image bytes in this row")
+                        yield record(image_id, source=source, caption=caption, error="no image bytes in this row")
                     elif len(data) > MAX_IMAGE_BYTES:
-                        yield _record(
+                        yield record(
                             image_id, source=source, caption=caption, error=f"image is over {MAX_IMAGE_BYTES} bytes"
                         )
                     else:
-                        yield _record(image_id, source=source, data=bytes(data), caption=caption)
+                        yield record(image_id, source=source, data=bytes(data), caption=caption)
     except MemoryError:
         raise
     except Exception as error:  # noqa: BLE001 - a damaged file: keep the rows read so far, report the rest
-        yield _record(
+        yield record(
             f"{name}#unreadable", source=unit.uri, error=f"cannot read parquet after row {row}: {_describe(error)}"
         )
 
@@ -909,7 +905,7 @@ def _read_manifest(unit: Unit) -> Iterator[dict]:
     try:
         for row, item, problem in _manifest_rows(unit):
             if item is None:
-                yield _record(f"{name}#row{row}", source=unit.uri, error=problem)
+                yield record(f"{name}#row{row}", source=unit.uri, error=problem)
                 continue
             uri_col = _column(item, URI_COLUMNS)
             id_col = _column(item, ID_COLUMNS)
@@ -920,7 +916,7 @@ def _read_manifest(unit: Unit) -> Iterator[dict]:
             given_id = str(given_id).strip() if given_id is not None else ""
             caption = _clean_caption(item.get(caption_col)) if caption_col else None
             if not written:
-                yield _record(
+                yield record(
                     given_id or f"{name}#row{row}",
                     source=unit.uri,
                     caption=caption,
@@ -931,16 +927,16 @@ def _read_manifest(unit: Unit) -> Iterator[dict]:
             # its images move together.
             uri, image_id = _resolve(written, unit.uri), given_id or written
             if uri_allowed(uri, allowed):
-                yield _read_record(image_id, uri, caption=caption)
+                yield _read_image_record(image_id, uri, caption=caption)
             else:
                 problem = (
                     f"manifest {unit.uri} points outside where it may ({', '.join(allowed)}): {uri}; "
                     "allow it with --allow-uri-prefix"
                 )
-                yield _record(image_id, source=uri, caption=caption, error=problem)
+                yield record(image_id, source=uri, caption=caption, error=problem)
     except MemoryError:
         raise
     except Exception as error:  # noqa: BLE001 - a damaged manifest: keep the rows read so far
-        yield _record(
+        yield record(
             f"{name}#unreadable", source=unit.uri, error=f"cannot read manifest after row {row}: {_describe(error)}"
         )

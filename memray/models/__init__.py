@@ -27,7 +27,7 @@ class LoadedModel:
     ref: str
     slug: str
     fingerprint: str
-    # The model nulls of the configurations audited so far (memray.audit.runner.model_null_bank)
+    # The model nulls of the configurations audited so far (memray.auditing.runner.model_null_bank)
     # and their UNet forwards: generated once per loaded model, shared by every batch.
     null_banks: dict = field(default_factory=dict, repr=False)
     null_bank_costs: dict = field(default_factory=dict, repr=False)

@@ -19,6 +19,8 @@ import fsspec
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
+from memray.errors import CheckpointError
+
 MODEL_INDEX = "model_index.json"
 DEFAULT_CACHE_DIR = Path("~/.cache/memray/checkpoints")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -41,8 +43,6 @@ LAYOUT_HINT = (
 )
 
 
-class CheckpointError(ValueError):
-    """A checkpoint cannot be found, is not a diffusers pipeline, or is unsafe to load."""
 
 
 def resolve_checkpoint(ref: str, *, cache_dir: str | Path | None = None) -> Path:

@@ -16,8 +16,11 @@ import os
 import re
 
 from memray.catalog.compare import ComparePolicy, Comparison, compare_models
+from memray.catalog.files import write_bytes
+from memray.catalog.reader import Catalog
 from memray.catalog.report_queries import ReportData, report_data
-from memray.catalog.store import Catalog, CatalogQueryError, write_bytes
+from memray.errors import CatalogQueryError
+from memray.formatting import format_number
 from memray.report.plots import error_cdfs_png, score_distributions_png
 
 MAX_DISTRIBUTIONS = 12  # checkpoints drawn, newest first
@@ -73,15 +76,6 @@ def _e(value) -> _Html:
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
-def _num(value) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int) or abs(value) >= 1000:
-        return f"{value:,.0f}"
-    return f"{value:.4g}"
-
 
 def _when(iso: str | None) -> str | None:
     """An ISO timestamp of the catalog (UTC) without its T and offset, for tables."""
@@ -91,7 +85,7 @@ def _when(iso: str | None) -> str | None:
 def _cell(value) -> str:
     """A table cell: numbers right-aligned, text escaped and free to wrap, fragments as they are."""
     if isinstance(value, (int, float)):
-        return f'<td class="num">{_num(value)}</td>'
+        return f'<td class="num">{format_number(value)}</td>'
     if isinstance(value, _Html):
         return f"<td>{value}</td>"
     return f'<td class="text">{_e(value)}</td>'
@@ -132,9 +126,9 @@ def _summary(data: ReportData, models: list[dict]) -> _Html:
     total = {k: sum(m[k] or 0 for m in models) for k in ("rows", "images", "error_rows", "unet_forwards", "seconds")}
     backwards = sum(m["unet_backwards"] or 0 for m in models)
     overview = _p(
-        f"{len(models)} models, {_num(total['images'])} images audited ok, {_num(total['rows'])} rows, "
-        f"{_num(total['error_rows'])} of them errors; UNet evaluations: {_num(total['unet_forwards'])} forward, "
-        f"{_num(backwards)} backward, {_num(total['seconds'])} s."
+        f"{len(models)} models, {format_number(total['images'])} images audited ok, {format_number(total['rows'])} rows, "
+        f"{format_number(total['error_rows'])} of them errors; UNet evaluations: {format_number(total['unet_forwards'])} forward, "
+        f"{format_number(backwards)} backward, {format_number(total['seconds'])} s."
     )
     model_table = _table(
         ["model", "images", "memorized", "not memorized", "inconclusive", "error rows", "runs", "last audited (UTC)"]
@@ -235,7 +229,7 @@ def _memorized(data: ReportData) -> _Html:
         rate = r["uncond_replication_rate"]
         cells = [rank, r["image_id"], r["caption"], _verdict(r["verdict"]), None if rate is None else f"{rate:.1%}"]
         cells += ["censored" if censored else r["invmm_kl"]]
-        cells += [f"{_num(similarity)} / {_num(bar)} ({r['similarity_kind']})" if similarity is not None else None]
+        cells += [f"{format_number(similarity)} / {format_number(bar)} ({r['similarity_kind']})" if similarity is not None else None]
         prompt = r["invmm_prompt"]
         if prompt is not None and r["invmm_prompt_replicated"] is not None:
             prompt += " (replicates)" if r["invmm_prompt_replicated"] else " (does not replicate alone)"
@@ -243,7 +237,7 @@ def _memorized(data: ReportData) -> _Html:
         if rate:  # the model replicates it unprompted: M4's safe-model premise fails for this image
             shift_text = "void (replicated unprompted)"
         else:
-            shift_text = None if shift is None else f"{shift:+.0%} ({_num(r['wasserstein_shift_sd'])} sd)"
+            shift_text = None if shift is None else f"{shift:+.0%} ({format_number(r['wasserstein_shift_sd'])} sd)"
         cells += [r["invmm_guidance"], prompt, shift_text]
         strip = (
             _img(r["replicas_png"], f"target and replicas of {r['image_id']}", "strip")
@@ -276,7 +270,7 @@ def _error_distributions(data: ReportData) -> _Html:
                 "muted",
             ),
         )
-    label = f"{q['image_id']}: W1 = {_num(q['wasserstein'])}, shift = {_num(q['wasserstein_shift_sd'])} sd"
+    label = f"{q['image_id']}: W1 = {format_number(q['wasserstein'])}, shift = {format_number(q['wasserstein_shift_sd'])} sd"
     png = error_cdfs_png(q["err_uncond_quantiles"], q["err_cond_quantiles"], title=label)
     return _section(
         "error-distributions",
@@ -317,8 +311,8 @@ def _changes(comparison: Comparison | None, new: str | None, why_not: str) -> _H
             ["image", "regressions", "verdict", "InvMM KL", "KL change", "shift (sd)"],
             [
                 [r["image_id"], ", ".join(r["regressions"]), f"{r['base_verdict']} → {r['new_verdict']}"]
-                + [f"{_num(r['base_invmm_kl'])} → {_num(r['new_invmm_kl'])}", r["invmm_kl_change"]]
-                + [f"{_num(r['base_shift_sd'])} → {_num(r['new_shift_sd'])}"]
+                + [f"{format_number(r['base_invmm_kl'])} → {format_number(r['new_invmm_kl'])}", r["invmm_kl_change"]]
+                + [f"{format_number(r['base_shift_sd'])} → {format_number(r['new_shift_sd'])}"]
                 for r in regressions[:MAX_CHANGES]
             ],
         )

@@ -10,7 +10,6 @@ skips every image that already has a row for the same model fingerprint and conf
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -20,23 +19,18 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from memray.audit.runner import ImageInput, audit_batch, check_compatible
+from memray.auditing.runner import audit_batch, check_compatible
+from memray.catalog.reader import Catalog
 from memray.catalog.schema import AuditRow, rows_to_table
-from memray.catalog.store import (
-    Catalog,
-    CatalogWriter,
-    CrashJournal,
-    RunLease,
-    check_writable,
-    open_fs,
-    write_bytes,
-)
+from memray.catalog.writer import CatalogWriter, check_writable
 from memray.config import AuditConfig, ConfigError, from_dict
 from memray.data.images import sha256_hex
+from memray.data.records import ImageInput
 from memray.data.sources import Unit, count_images, list_units, read_unit
+from memray.distributed.bookkeeping import CrashJournal, RunLease, RunLedger
 
 log = logging.getLogger(__name__)
 
@@ -126,45 +120,6 @@ def _key(record) -> tuple[str, str | None]:
     return image_id, None if data is None else sha256_hex(data)
 
 
-class RunLedger:
-    """What each read task read, kept beside the catalog until the run ends (`_runs/<run_id>/`).
-
-    A read task writes the keys of its unit when it has yielded them all (a retried task writes the
-    same file again). At the end the driver holds every unit's keys against the rows it received:
-    an image read but without a row, or a unit never read to its end, leaves the run unfinished
-    (exit 1) instead of green. Nothing read is ever dropped silently.
-    """
-
-    def __init__(self, catalog_url: str, run_id: str):
-        self.folder = f"{catalog_url.rstrip('/')}/_runs/{run_id}"
-
-    def _path(self, unit_uri: str) -> str:
-        return f"{self.folder}/{hashlib.sha256(unit_uri.encode()).hexdigest()[:32]}.json"
-
-    def record(self, unit_uri: str, keys: list[tuple[str, str | None]]) -> None:
-        """The unit was read to its end, yielding `keys`."""
-        write_bytes(self._path(unit_uri), json.dumps({"unit": unit_uri, "keys": keys}).encode())
-
-    def unfinished(self, unit_uris: list[str], written: set[tuple[str, str | None]]) -> list[str]:
-        """Images read but without a row, and units never read to their end (as `unit: <uri>`)."""
-        missing = []
-        for uri in unit_uris:
-            try:
-                with fsspec.open(self._path(uri), "rb") as handle:
-                    keys = {tuple(key) for key in json.loads(handle.read())["keys"]}
-            except FileNotFoundError:
-                missing.append(f"unit: {uri}")
-                continue
-            missing += sorted(image_id for image_id, sha in keys - written)
-        return missing
-
-    def remove(self) -> None:
-        """Forget the run's bookkeeping (after its outcome has been judged)."""
-        fs, folder = open_fs(self.folder)
-        if fs.exists(folder):
-            fs.rm(folder, recursive=True)
-
-
 def _read_records(unit_row: dict, *, skip: frozenset, ledger: RunLedger) -> Iterator[dict]:
     """The records of one unit, minus images that resume skips (their bytes never leave the task)."""
     unit = Unit(kind=unit_row["kind"], uri=unit_row["uri"], root=unit_row["root"], allowed=tuple(unit_row["allowed"]))
@@ -185,10 +140,10 @@ class ProgressLog:
         self.done = self.errors = 0
         self.started = self.last = time.monotonic()
 
-    def update(self, rows: list[AuditRow]) -> None:
-        """Count finished rows; print a line at most every `every_seconds`."""
-        self.done += len(rows)
-        self.errors += sum(row.status != "ok" for row in rows)
+    def update(self, rows: pa.Table) -> None:
+        """Count finished rows (a table of the catalog schema); print a line at most every `every_seconds`."""
+        self.done += rows.num_rows
+        self.errors += rows.num_rows - (pc.sum(pc.equal(rows.column("status"), "ok")).as_py() or 0)
         if time.monotonic() - self.last >= self.every:
             self.print()
 
@@ -309,10 +264,9 @@ def run_audit(
         written: set[tuple[str, str | None]] = set()
         try:
             for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-                rows = [AuditRow(**record) for record in table.to_pylist()]
-                writer.add(rows)
-                written.update((row.image_id, row.image_sha256) for row in rows)
-                progress.update(rows)
+                writer.add_table(table)  # rows stay Arrow from the actor to the file
+                written.update(zip(table.column("image_id").to_pylist(), table.column("image_sha256").to_pylist()))
+                progress.update(table)
         finally:
             writer.close()
         progress.print()

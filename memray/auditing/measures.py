@@ -1,0 +1,345 @@
+"""The measures an audit can run: one entry each, with what it needs and the catalog columns it fills.
+
+Adding a measure is one entry in REGISTRY and one module under memray/measures/. An entry's `run`
+takes the Batch of images still being measured and returns Filled: its columns' values per image,
+the arrays kept beside the row for `memray inspect` and the report, what a later measure needs
+from it, and which images stayed finite. The runner (runner.py) runs the configured entries in
+registry order, writes the columns into the rows, and turns every non-finite image into an error
+row of its own while the rest of the batch goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from memray.measures import rng
+from memray.measures.invmm import invmm
+from memray.measures.noise_inversion import invert_noise
+from memray.measures.prompt_inversion import hard_prompt_inversion, prompt_condition, soft_prompt_inversion
+from memray.measures.wasserstein import memorization_wasserstein
+from memray.measures.wen import wen_screen
+from memray.measures.z0_error import z0_prediction_error
+
+# The catalog keeps these quantiles (0%, 1%, ..., 100%) of the M4 error samples, not the samples.
+ERROR_QUANTILE_LEVELS = np.linspace(0, 1, 101)
+
+
+@dataclass
+class Batch:
+    """The decoded images of one batch and what every measure may use; `slots` index the batch."""
+
+    model: object  # a DiffusionAdapter
+    config: object  # the AuditConfig
+    ids: list[str]
+    captions: list[str | None]
+    z0: torch.Tensor  # (B, ...) every image of the batch
+    owner: torch.Tensor  # (B,) the slot each UNet evaluation is charged to
+    rows: list  # the AuditRows, for measures whose work depends on earlier results (the hard prompt)
+    progress: Callable | None = None
+    similarity: object = None  # the replication bar (set by the runner when a measure needs it)
+    targets: object = None
+    handovers: dict = field(default_factory=dict)  # measure name -> what it hands to later measures
+
+    def gens(self, stream: str, slots: list[int]) -> list[torch.Generator]:
+        """One generator per image of `slots` for the named random stream (rng.image_generators)."""
+        return rng.image_generators([self.ids[s] for s in slots], self.config.seed, stream, self.model.device)
+
+    def index(self, slots: list[int]) -> torch.Tensor:
+        """`slots` as an index tensor on the model's device."""
+        return torch.tensor(slots, device=self.model.device)
+
+    def caption_start(self, slots: list[int], init: str) -> torch.Tensor | None:
+        """Free-slot token ids of each image's caption (-1 rows without one) where a prompt starts at it."""
+        if not self.model.is_conditional or init != "caption":
+            return None
+        captions = [self.captions[s] or "" for s in slots]
+        ids = self.model.caption_slot_ids(captions)
+        ids[torch.tensor([not c.strip() for c in captions], device=ids.device)] = -1
+        return ids
+
+
+@dataclass
+class Filled:
+    """What a measure produced for the images of `slots`: column -> value per image, and more."""
+
+    slots: list[int]
+    columns: dict[str, list]
+    finite: list[bool] | None = None  # None: every image finite
+    arrays: dict[str, list] = field(default_factory=dict)  # ImageAudit attribute -> value per image
+    handover: object = None
+
+
+@dataclass(frozen=True)
+class Measure:
+    """A measure the audit can run."""
+
+    name: str
+    label: str  # how an error row names it
+    run: Callable[[Batch, list[int]], Filled]
+    columns: tuple[str, ...]
+    needs_prompt: bool = False  # conditional models only
+    needs: tuple[str, ...] = ()  # measures that must run before it
+    replication: bool = False  # compares generations with the target: needs the replication bar
+    after_verdict: bool = False  # what it does depends on the verdict
+
+
+def value(x) -> float | None:
+    """A finite float, or None (a catalog NULL) for NaN and infinities."""
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _uncond_replication(batch: Batch, slots: list[int]) -> Filled:
+    return Filled(slots, {"uncond_replication_rate": [float(batch.targets.bank_replicas[s]) for s in slots]})
+
+
+def _invmm(batch: Batch, slots: list[int]) -> Filled:
+    idx = batch.index(slots)
+    result = invmm(
+        batch.model,
+        batch.z0[idx],
+        batch.gens("invmm", slots),
+        batch.owner[idx],
+        batch.config.invmm,
+        batch.similarity,
+        batch.targets[idx],
+        start_ids=batch.caption_start(slots, batch.config.invmm.prompt_init),
+        progress=batch.progress,
+    )
+    replicated = [bool(r) for r in result.replicated]
+    readable = [bool(p) if r and batch.model.is_conditional else None for r, p in zip(replicated, result.prompt_replicated)]
+    columns = {
+        "invmm_replicated": replicated,
+        "invmm_kl": [value(kl) if r else None for r, kl in zip(replicated, result.kl)],
+        "invmm_steps": [int(s) for s in result.steps],
+        "invmm_similarity": [value(s) for s in result.similarity],
+        "invmm_guidance": [value(g) for g in result.guidance],
+        "invmm_prompt": list(result.prompts),
+        "invmm_prompt_init": list(result.prompt_init),
+        "invmm_prompt_replicated": readable,
+    }
+    arrays = {"invmm_mu": list(result.mu), "invmm_log_var": list(result.log_var)}
+    if result.condition is not None:
+        arrays["invmm_condition"] = list(result.condition)
+    return Filled(slots, columns, list(result.finite), arrays)
+
+
+def _z0_error(batch: Batch, slots: list[int]) -> Filled:
+    idx, cfg, model = batch.index(slots), batch.config.z0_error, batch.model
+    n = cfg.noises
+    eps = rng.randn_per_image(batch.gens("z0_error", slots), (n, *batch.z0.shape[1:])).flatten(0, 1)
+    with torch.no_grad():
+        err = z0_prediction_error(
+            model,
+            batch.z0[idx].repeat_interleave(n, 0),
+            eps,
+            model.empty_condition(len(slots) * n),
+            model.measure_timesteps(cfg.timesteps),
+            batch.owner[idx].repeat_interleave(n),
+        )
+    err = err.reshape(len(slots), n).mean(1).cpu().numpy()
+    return Filled(slots, {"z0_error": [value(e) for e in err]}, list(np.isfinite(err)))
+
+
+def _noise_inversion(batch: Batch, slots: list[int]) -> Filled:
+    idx, cfg, model = batch.index(slots), batch.config.noise_inversion, batch.model
+    cond = model.empty_condition(len(slots))
+    z0, owner = batch.z0[idx], batch.owner[idx]
+    finite = np.ones(len(slots), dtype=bool)
+    columns = {}
+    if cfg.unregularized:
+        plain = invert_noise(
+            model, z0, cond, batch.gens("noise_plain", slots), owner, cfg, regularized=False, progress=batch.progress
+        )
+        finite &= plain.finite
+        columns["noise_ks_p_unregularized"] = [value(p) for p in plain.ks_p]
+        columns["noise_error_unregularized"] = [value(e) for e in plain.final_error]
+    if cfg.regularized:
+        reg = invert_noise(
+            model, z0, cond, batch.gens("noise_reg", slots), owner, cfg, regularized=True, progress=batch.progress
+        )
+        finite &= reg.finite
+        columns["noise_ks_p"] = [value(p) for p in reg.ks_p]
+        columns["noise_kl"] = [value(k) for k in reg.kl]
+        columns["noise_mu_mean"] = [value(m) for m in reg.mu_mean]
+        columns["noise_sigma2_mean"] = [value(s) for s in reg.sigma2_mean]
+        columns["noise_error"] = [value(e) for e in reg.final_error]
+    return Filled(slots, columns, list(finite))
+
+
+def _prompt_inversion(batch: Batch, slots: list[int]) -> Filled:
+    idx = batch.index(slots)
+    result = soft_prompt_inversion(
+        batch.model,
+        batch.z0[idx],
+        batch.gens("soft_prompt", slots),
+        batch.owner[idx],
+        batch.config.prompt_inversion,
+        init_ids=batch.caption_start(slots, batch.config.prompt_inversion.init),
+        progress=batch.progress,
+    )
+    columns = {
+        "soft_prompt_error": [value(e) for e in result.final_error],
+        "soft_prompt_norm": [value(n) for n in result.norm],
+    }
+    return Filled(slots, columns, list(result.finite), handover=dict(zip(slots, result.embeddings)))
+
+
+def _quantiles(samples: np.ndarray) -> list[float]:
+    return np.quantile(samples, ERROR_QUANTILE_LEVELS).tolist()
+
+
+def _wasserstein(batch: Batch, slots: list[int]) -> Filled:
+    idx, soft = batch.index(slots), batch.handovers["prompt_inversion"]
+    with torch.no_grad():
+        cond = prompt_condition(batch.model, torch.stack([soft[s] for s in slots]))
+    result = memorization_wasserstein(
+        batch.model, batch.z0[idx], cond, batch.gens("wasserstein", slots), batch.owner[idx], batch.config.wasserstein
+    )
+    columns = {
+        "wasserstein": [value(w) for w in result.w1],
+        "wasserstein_shift_sd": [value(s) for s in result.shift_sd],
+        "err_shift_relative": [value(s) for s in result.shift_relative],
+        "err_uncond_mean": [value(m) for m in result.err_uncond_mean],
+        "err_cond_mean": [value(m) for m in result.err_cond_mean],
+        "err_uncond_quantiles": [_quantiles(e) for e in result.err_uncond],
+        "err_cond_quantiles": [_quantiles(e) for e in result.err_cond],
+    }
+    arrays = {"err_uncond": list(result.err_uncond), "err_cond": list(result.err_cond)}
+    return Filled(slots, columns, list(np.isfinite(result.w1)), arrays)
+
+
+def _wen(batch: Batch, slots: list[int]) -> Filled:
+    slots = [s for s in slots if batch.captions[s]]  # a screen of the caption: none, nothing to screen
+    if not slots:
+        return Filled(slots, {})
+    result = wen_screen(
+        batch.model,
+        [batch.captions[s] for s in slots],
+        batch.gens("wen", slots),
+        batch.owner[batch.index(slots)],
+        batch.config.wen,
+    )
+    columns = {
+        "wen_score": [value(s) for s in result.score],
+        "wen_tokens": [json.dumps(tokens) for tokens in result.attribution],
+    }
+    return Filled(slots, columns)
+
+
+def _hard_prompt(batch: Batch, slots: list[int]) -> Filled:
+    """Algorithm 1 where a readable prompt is still wanted: memorized, and InvMM's own prompt did not replicate."""
+    config = batch.config
+    run_for, minimum = config.hard_prompt.run_for, config.verdict.uncond_rate_min
+
+    def wanted(row) -> bool:
+        rate = row.uncond_replication_rate or 0.0
+        unprompted = rate > 0 and rate >= minimum  # the empty prompt replicates it: no prompt to find
+        return row.verdict == "memorized" and not row.invmm_prompt_replicated and not unprompted
+
+    slots = [s for s in slots if run_for == "always" or (run_for == "memorized" and wanted(batch.rows[s]))]
+    if not slots:
+        return Filled(slots, {})
+    idx = batch.index(slots)
+    result = hard_prompt_inversion(
+        batch.model,
+        batch.z0[idx],
+        batch.gens("hard_prompt", slots),
+        batch.owner[idx],
+        config.hard_prompt,
+        config.prompt_inversion,
+        batch.similarity,
+        batch.targets[idx],
+        guidance_scales=config.invmm.guidance_scales,
+        sampling_steps=config.invmm.sampling_steps,
+    )
+    columns = {
+        "hard_prompt": list(result.prompts),
+        "hard_prompt_error": [value(e) for e in result.error],
+        "hard_prompt_replicated": [bool(r) for r in result.replicated],
+    }
+    return Filled(slots, columns)
+
+
+REGISTRY: dict[str, Measure] = {
+    m.name: m
+    for m in (
+        Measure(
+            "uncond_replication",
+            "the unconditional replication rate",
+            _uncond_replication,
+            ("uncond_replication_rate",),
+            replication=True,
+        ),
+        Measure(
+            "invmm",
+            "InvMM",
+            _invmm,
+            (
+                "invmm_replicated",
+                "invmm_kl",
+                "invmm_steps",
+                "invmm_similarity",
+                "invmm_guidance",
+                "invmm_prompt",
+                "invmm_prompt_init",
+                "invmm_prompt_replicated",
+            ),
+            replication=True,
+        ),
+        Measure("z0_error", "the z0-prediction error", _z0_error, ("z0_error",)),
+        Measure(
+            "noise_inversion",
+            "noise inversion",
+            _noise_inversion,
+            (
+                "noise_ks_p",
+                "noise_kl",
+                "noise_mu_mean",
+                "noise_sigma2_mean",
+                "noise_error",
+                "noise_ks_p_unregularized",
+                "noise_error_unregularized",
+            ),
+        ),
+        Measure(
+            "prompt_inversion",
+            "soft prompt inversion",
+            _prompt_inversion,
+            ("soft_prompt_error", "soft_prompt_norm"),
+            needs_prompt=True,
+        ),
+        Measure(
+            "wasserstein",
+            "the Wasserstein measure",
+            _wasserstein,
+            (
+                "wasserstein",
+                "wasserstein_shift_sd",
+                "err_shift_relative",
+                "err_uncond_mean",
+                "err_cond_mean",
+                "err_uncond_quantiles",
+                "err_cond_quantiles",
+            ),
+            needs_prompt=True,
+            needs=("prompt_inversion",),
+        ),
+        Measure("wen", "the caption screen", _wen, ("wen_score", "wen_tokens"), needs_prompt=True),
+        Measure(
+            "hard_prompt",
+            "hard prompt inversion",
+            _hard_prompt,
+            ("hard_prompt", "hard_prompt_error", "hard_prompt_replicated"),
+            needs_prompt=True,
+            replication=True,
+            after_verdict=True,
+        ),
+    )
+}

@@ -1,0 +1,27 @@
+"""The record of one image to audit: what every source yields and what the auditor takes.
+
+Sources (sources.py) yield it as a plain dict of these fields (Ray Data carries dicts), the
+auditor rebuilds it with `ImageInput(**record)`: one definition for both ends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass
+class ImageInput:
+    """One image to audit: its bytes (or where to read them) and what we know about it."""
+
+    image_id: str
+    data: bytes | None = None
+    uri: str | None = None
+    caption: str | None = None
+    source: str | None = None
+    error: str | None = None  # a fault found while reading (e.g. a truncated shard): recorded as is
+
+
+def record(image_id: str, **fields) -> dict:
+    """An ImageInput as the plain dict a source yields."""
+    return dataclasses.asdict(ImageInput(image_id, **fields))
