@@ -137,8 +137,10 @@ def test_catalog_files_without_the_artifact_columns_read_with_nulls(tmp_path, sd
     with CatalogWriter(tmp_path) as writer:
         writer.add([sd_audits[1][0].row])
     (tmp_path / "model=old").mkdir()
-    old = pa.table({"image_id": ["old"], "model": ["old"], "status": ["ok"]})
-    pq.write_table(old, tmp_path / "model=old" / "part-old.parquet")
+    old = pa.table({"image_id": ["old"], "model": ["old"], "status": ["ok"]})  # a file of an earlier schema
+    pq.write_table(
+        old.replace_schema_metadata({"memray_schema_version": "1"}), tmp_path / "model=old" / "part-old.parquet"
+    )
     sql = "SELECT image_id, replicas_png IS NULL, err_uncond_quantiles IS NULL FROM audits ORDER BY image_id"
     back = [tuple(r.values()) for r in Catalog(tmp_path).query(sql).to_pylist()]
     assert back == [("a0", False, False), ("old", True, True)]

@@ -185,7 +185,10 @@ def test_files_of_an_older_schema_read_with_nulls(tmp_path):
     write(tmp_path, [row("new")])
     (tmp_path / "model=old").mkdir()
     pq.write_table(
-        pa.table({"image_id": ["old"], "model": ["old"], "status": ["ok"]}), tmp_path / "model=old" / "part-old.parquet"
+        pa.table({"image_id": ["old"], "model": ["old"], "status": ["ok"]}).replace_schema_metadata(
+            {"memray_schema_version": "1"}
+        ),
+        tmp_path / "model=old" / "part-old.parquet",
     )
     table = Catalog(tmp_path).query("SELECT image_id, invmm_kl FROM audits ORDER BY image_id")
     assert table.to_pylist() == [{"image_id": "new", "invmm_kl": 0.5}, {"image_id": "old", "invmm_kl": None}]
@@ -260,6 +263,7 @@ def test_latest_is_the_newest_ok_row_per_image_and_model(tmp_path):
 
 
 def test_completed_keys_for_resume(tmp_path):
+    """(image_id, image_sha256): these rows carry no hash, so every key holds None."""
     write(
         tmp_path,
         [
@@ -273,9 +277,14 @@ def test_completed_keys_for_resume(tmp_path):
         ],
     )
     catalog = Catalog(tmp_path)
-    assert catalog.completed_keys("fp-a", "cfg-1") == {"ok1", "ok2", "retried"}
-    assert catalog.completed_keys("fp-a", "cfg-1", include_errors=True) == {"ok1", "ok2", "retried", "err"}
-    assert catalog.completed_keys("fp-a", "cfg-2") == {"other-config"}
+    assert catalog.completed_keys("fp-a", "cfg-1") == {("ok1", None), ("ok2", None), ("retried", None)}
+    assert catalog.completed_keys("fp-a", "cfg-1", include_errors=True) == {
+        ("ok1", None),
+        ("ok2", None),
+        ("retried", None),
+        ("err", None),
+    }
+    assert catalog.completed_keys("fp-a", "cfg-2") == {("other-config", None)}
     assert catalog.completed_keys("fp-b", "cfg-1") == set()
 
 
@@ -283,7 +292,7 @@ def test_catalog_sees_files_written_after_it_was_created(tmp_path):
     catalog = Catalog(tmp_path)
     assert catalog.completed_keys("fp-a", "cfg-1") == set()
     write(tmp_path, [row("a")])
-    assert catalog.completed_keys("fp-a", "cfg-1") == {"a"}
+    assert catalog.completed_keys("fp-a", "cfg-1") == {("a", None)}
 
 
 # --- read-only queries ----------------------------------------------------------------------
@@ -395,28 +404,29 @@ def test_memory_filesystem_round_trip():
     assert len(writer.files) == 2
     catalog = Catalog(url)
     assert catalog.query("SELECT image_id FROM latest ORDER BY 1").column("image_id").to_pylist() == ["a", "b"]
-    assert catalog.completed_keys("fp-a", "cfg-1", include_errors=True) == {"a", "b", "c"}
+    assert catalog.completed_keys("fp-a", "cfg-1", include_errors=True) == {("a", None), ("b", None), ("c", None)}
 
 
 @pytest.mark.parametrize("where", ["local", "memory"])
 def test_crash_journal_counts_deaths_per_image_and_stays_out_of_the_views(tmp_path, where):
     url = str(tmp_path / "cat") if where == "local" else f"memory://memray-journal-{time.time_ns()}/cat"
     write(url, [row("a")])
-    journal = CrashJournal(url, "fp-a" * 8, "cfg-1")
-    assert journal.deaths("x/1.png") == 0 and journal.marked() == []
-    journal.mark("x/1.png", 0)  # the worker holding it dies here: the marker stays
-    journal.mark("x/2.png", 0)
-    journal.unmark("x/2.png")  # finished
-    assert journal.deaths("x/1.png") == 1 and journal.marked() == ["x/1.png"]
-    journal.mark("x/1.png", journal.deaths("x/1.png"))  # retried, dies again
-    again = CrashJournal(url, "fp-a" * 8, "cfg-1")  # another actor, another process
-    assert again.deaths("x/1.png") == 2
-    assert CrashJournal(url, "fp-a" * 8, "cfg-2").deaths("x/1.png") == 0  # other config: other images
-    assert CrashJournal(url, "fp-b" * 8, "cfg-1").marked() == []
-    again.unmark("x/1.png")
-    again.unmark("never-marked")
-    assert again.marked() == [] and again.deaths("x/1.png") == 0
-    journal.mark("y", 0)
+    one, two = ("x/1.png", "h1"), ("x/2.png", "h2")
+    journal = CrashJournal(url, "fp-a" * 8, "cfg-1", "run-1")
+    assert journal.deaths(one) == 0
+    journal.mark(one, 0)  # the worker holding it dies here: the marker stays
+    journal.mark(two, 0)
+    journal.unmark(two)  # finished
+    assert journal.deaths(one) == 1 and journal.deaths(two) == 0
+    journal.mark(one, journal.deaths(one))  # retried, dies again
+    again = CrashJournal(url, "fp-a" * 8, "cfg-1", "run-1")  # another actor of the run, another process
+    assert again.deaths(one) == 2
+    assert again.deaths(("x/1.png", "another hash")) == 0  # other bytes under the same id: another image
+    assert CrashJournal(url, "fp-a" * 8, "cfg-2", "run-1").deaths(one) == 0  # other config: other images
+    again.unmark(one)
+    again.unmark(("never-marked", None))
+    assert again.deaths(one) == 0
+    journal.mark(("y", None), 0)
     assert Catalog(url).query("SELECT image_id FROM audits").column("image_id").to_pylist() == ["a"]
 
 
@@ -449,8 +459,8 @@ def test_s3_round_trip_on_a_real_server(s3_bucket, tmp_path):
         {"image_id": "b", "model": "sd-b", "run_id": "run-1", "invmm_kl": 0.5},
     ]
     assert tuple(catalog.query("SELECT * FROM audits").column_names) == COLUMNS
-    assert catalog.completed_keys("fp-a", "cfg-1") == {"a"}
-    assert catalog.completed_keys("fp-a", "cfg-1", include_errors=True) == {"a", "c"}
+    assert catalog.completed_keys("fp-a", "cfg-1") == {("a", None)}
+    assert catalog.completed_keys("fp-a", "cfg-1", include_errors=True) == {("a", None), ("c", None)}
     with pytest.raises(CatalogQueryError):
         catalog.query(f"COPY (SELECT * FROM audits) TO '{tmp_path}/leak.csv'")
     # another object of the same bucket, outside the catalog root, is out of reach
@@ -468,7 +478,7 @@ def test_root_with_quotes_spaces_and_glob_characters(tmp_path):
         write(url, [row("a")])
         catalog = Catalog(url)
         assert catalog.query("SELECT image_id FROM latest").column("image_id").to_pylist() == ["a"], url
-        assert catalog.completed_keys("fp-a", "cfg-1") == {"a"}
+        assert catalog.completed_keys("fp-a", "cfg-1") == {("a", None)}
 
 
 def test_binary_columns_print_as_their_size(tmp_path):

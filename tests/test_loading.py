@@ -17,6 +17,7 @@ from memray.models.loading import (
     CheckpointError,
     load_component,
     model_fingerprint,
+    model_label,
     model_slug,
     pipeline_class_name,
     require_safe_weights,
@@ -185,7 +186,7 @@ def test_fingerprint_changes_when_a_config_changes(sd_dir, sd_copy):
 
 
 @pytest.mark.parametrize(
-    ("ref", "slug"),
+    ("ref", "label"),
     [
         ("/ckpt/sd-v1-4/", "sd-v1-4"),
         ("s3://b/models/ckpt-0042", "ckpt-0042"),
@@ -197,8 +198,9 @@ def test_fingerprint_changes_when_a_config_changes(sd_dir, sd_copy):
         ("/", "model"),
     ],
 )
-def test_model_slug(ref, slug):
-    assert model_slug(ref) == slug
+def test_model_slug_is_the_folder_name_then_the_fingerprint(ref, label):
+    assert model_label(ref) == label
+    assert model_slug(ref, "0123456789abcdef" * 4) == f"{label}-01234567"
 
 
 def test_pipeline_class_name(sd_dir, tmp_path):

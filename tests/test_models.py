@@ -17,7 +17,7 @@ def test_load_model_from_an_fsspec_url_matches_the_local_load(tiny_sd_dir, tiny_
     fs.put(str(tiny_sd_dir), "memory://bucket/tiny-sd", recursive=True)
     remote = load_model("memory://bucket/tiny-sd", device="cpu", cache_dir=str(tmp_path / "cache"))
     assert remote.fingerprint == tiny_sd.fingerprint
-    assert remote.slug == "tiny-sd"
+    assert remote.slug == f"tiny-sd-{remote.fingerprint[:8]}"
     z = torch.randn(2, *remote.adapter.latent_shape)
     t = torch.tensor([10, 900])
     cond = remote.adapter.empty_condition(2)

@@ -83,7 +83,7 @@ WITH base AS (SELECT * FROM latest WHERE model = $base),
 new AS (SELECT * FROM latest WHERE model = $new),
 pairs AS (
     SELECT
-        image_id,
+        b.image_id,
         b.verdict AS base_verdict,
         n.verdict AS new_verdict,
         b.invmm_kl AS base_invmm_kl,
@@ -96,7 +96,9 @@ pairs AS (
         b.uncond_replication_rate AS base_uncond_rate,
         n.uncond_replication_rate AS new_uncond_rate,
         b.config_hash IS DISTINCT FROM n.config_hash AS config_differs
-    FROM base AS b JOIN new AS n USING (image_id, image_sha256)
+    -- the same image: the same id and bytes (rows of a schema 1 catalog carry no hash: NULL = NULL here)
+    FROM base AS b JOIN new AS n
+        ON b.image_id = n.image_id AND b.image_sha256 IS NOT DISTINCT FROM n.image_sha256
 ),
 judged AS (
     SELECT *,
