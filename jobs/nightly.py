@@ -8,8 +8,8 @@ audited before it, write a report, and exit 1 when the comparison violates the p
 Which checkpoint: `--checkpoint PATH_OR_URL`, or with `--checkpoints-prefix` the folder directly
 under the prefix that holds a model_index.json and comes last by name, so checkpoint folders
 must be named in the order they are made (ckpt-000123, 2026-11-02, ...: zero-padded).
-The catalog names a model by its slug, the checkpoint folder's name, so every checkpoint needs
-its own folder name; the checkpoint compared with is the other model with the newest ok row.
+The catalog names a model by its slug, the checkpoint folder's name and its weights' fingerprint
+(ckpt-000123-3f2a9c1d); the checkpoint compared with is the model audited before this one.
 
 A second run the same night does no new work: the audit resumes (every image already has a row
 for this checkpoint's fingerprint and the config), and the comparison, report and JSON summary

@@ -56,7 +56,11 @@ def build_config(args):
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """The checkpoint and audit configuration flags; shared with jobs/nightly.py."""
-    parser.add_argument("--model", required=True, help="checkpoint: local diffusers directory, fsspec URL or hub id")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="checkpoint: local diffusers directory, fsspec URL, hub id, or demo (the shipped demo model)",
+    )
     parser.add_argument("--config", help="TOML/YAML/JSON audit configuration")
     parser.add_argument(
         "--preset",
@@ -184,6 +188,7 @@ def add_pipeline_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpus-per-actor", type=float, default=1.0)
     parser.add_argument("--retry-errors", action="store_true", help="audit again images whose row is an error")
     parser.add_argument("--rows-per-file", type=int, default=2000, help="catalog rows buffered per Parquet file")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own logs and progress bars")
     parser.add_argument(
         "--allow-uri-prefix",
         action="append",
@@ -207,6 +212,7 @@ def pipeline_options(args):
         retry_errors=args.retry_errors,
         rows_per_file=args.rows_per_file,
         allow_uri_prefixes=tuple(args.allow_uri_prefix),
+        verbose=args.verbose,
     )
 
 
@@ -248,6 +254,26 @@ def cmd_query(args) -> int:
     return 0
 
 
+def cmd_status(args) -> int:
+    """One screen on a catalog: its models, images, verdicts, failures and the last run."""
+    from memray.catalog.reader import Catalog
+    from memray.catalog.report_queries import catalog_status
+    from memray.formatting import format_table
+
+    catalog = Catalog(args.catalog, must_exist=True)
+    models, last = catalog_status(catalog)
+    print(f"catalog {args.catalog}: {models.num_rows} models")
+    print(format_table(models, "table"))
+    if last:
+        print(
+            f"last run {last['run_id']} ({last['model']}): {last['rows']} rows, {last['errors']} errors, "
+            f"{last['started']} .. {last['finished']}"
+        )
+    for problem in catalog.ignored:
+        print(f"ignored: {problem}")
+    return 0
+
+
 def cmd_migrate(args) -> int:
     """Rewrite a catalog's files of older schema versions in the current one."""
     from memray.catalog.schema import SCHEMA_VERSION
@@ -264,14 +290,15 @@ def cmd_demo(args) -> int:
     from memray.catalog.report_queries import run_rows
     from memray.catalog.schema import AuditRow
     from memray.config import load_config
-    from memray.demo import demo_audit_config, trained_demo_model, write_demo_sample
+    from memray.demo import demo_audit_config, write_demo_sample
     from memray.distributed.pipeline import PipelineOptions, run_audit
 
     out = Path(args.out)
     manifest, truth = write_demo_sample(out / "demo-images", None if args.all else args.per_group)
     config = load_config(args.config or demo_audit_config())
     catalog = str(out / "catalog")
-    summary = run_audit([str(manifest)], str(trained_demo_model()), catalog, config, PipelineOptions(cpus_per_actor=1))
+    options = PipelineOptions(cpus_per_actor=1, verbose=args.verbose)
+    summary = run_audit([str(manifest)], "demo", catalog, config, options)
     print_rows([AuditRow(**row) for row in run_rows(Catalog(catalog), summary.run_id)], truth=truth)
     print(f'catalog: {catalog}  (memray query {catalog} "SELECT * FROM latest")', file=sys.stderr)
     print(f"report: memray report {catalog} --out {out / 'report.html'}", file=sys.stderr)
@@ -407,9 +434,14 @@ def main(argv=None) -> int:
     p.add_argument(
         "--per-group", type=int, default=2, help="images from each group (every planted level, normal, held-out)"
     )
-    p.add_argument("--all", action="store_true", help="the whole demo set (36 images)")
+    p.add_argument("--all", action="store_true", help="the whole demo set")
     p.add_argument("--config", help="an audit configuration instead of the demo's (memray/demo_assets/audit.toml)")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own logs and progress bars")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("status", help="one screen on a catalog: models, images, verdicts, failures, last run")
+    p.add_argument("catalog")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("migrate", help="rewrite a catalog's older files in the current schema version")
     p.add_argument("catalog")

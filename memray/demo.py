@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from memray.models.loading import DEMO_MODEL
 from memray.models.tiny import build_tiny_sd
 
 COLOURS = {
@@ -263,8 +264,8 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 def trained_demo_model() -> Path:
-    """The shipped demo model with planted memorization (diffusers layout)."""
-    return DEMO_ASSETS / "model"
+    """The shipped demo model with planted memorization (diffusers layout): `--model demo`."""
+    return DEMO_MODEL
 
 
 def trained_demo_manifest() -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -42,6 +43,19 @@ def tiny_budgets() -> AuditConfig:
         wen={"generations": 1, "sampling_steps": 3},
         hard_prompt={"tokens": 1, "top_k": 2, "restarts": 1, "test_samples": 1, "steps": 2},
     )
+
+
+def tiny_flags(**changes) -> list[str]:
+    """Command-line flags that give tiny_budgets().replace(**changes): the same budgets for the CLI and jobs."""
+    config = tiny_budgets().replace(**changes).to_dict()
+    flags = ["--preset", "quick"]
+    for section, settings in config.items():
+        items = settings.items() if isinstance(settings, dict) else [(None, settings)]
+        for key, value in items:
+            if value is not None:  # None is every preset's default, and TOML has no null
+                name = section if key is None else f"{section}.{key}"
+                flags += ["--set", f"{name}={json.dumps(value)}"]
+    return flags
 
 
 @pytest.fixture(scope="session")

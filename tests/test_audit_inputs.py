@@ -13,6 +13,7 @@ import torch
 from conftest import png_bytes, tiny_budgets
 from PIL import Image
 
+from memray.auditing.measures import REGISTRY
 from memray.auditing.runner import audit_batch, check_compatible, supported_measures
 from memray.auditing.verdict import decide
 from memray.catalog.schema import AuditRow
@@ -91,42 +92,13 @@ BAD = {
     "small": (lambda: png_bytes(8, size=(20, 20)), "smaller than the model resolution 32"),
 }
 
-# null_model_similarity is left out: under the forced threshold every model sample is a replica, so
-# no sample is left for the model null (NULL); tests/test_nulls.py measures it.
-MEASURE_FIELDS = (
-    "invmm_kl",
-    "invmm_replicated",
-    "invmm_steps",
-    "invmm_similarity",
-    "invmm_guidance",
-    "invmm_prompt",
-    "invmm_prompt_init",
-    "invmm_prompt_replicated",
-    "replication_threshold",
-    "null_content_similarity",
-    "uncond_replication_rate",
-    "z0_error",
-    "wasserstein",
-    "wasserstein_shift_sd",
-    "err_shift_relative",
-    "err_uncond_mean",
-    "err_cond_mean",
-    "soft_prompt_error",
-    "soft_prompt_norm",
-    "noise_ks_p",
-    "noise_kl",
-    "noise_mu_mean",
-    "noise_sigma2_mean",
-    "noise_error",
-    "noise_ks_p_unregularized",
-    "noise_error_unregularized",
-    "hard_prompt",
-    "hard_prompt_error",
-    "hard_prompt_replicated",
-    "verdict",
-    "verdict_rule",
-)
+# Every column a measure of the registry fills (the caption screen needs a caption), the bar and the
+# verdict. null_model_similarity is left out: under the forced threshold every model sample is a
+# replica, so no sample is left for the model null (NULL); tests/test_nulls.py measures it.
 WEN_FIELDS = ("wen_score", "wen_tokens")
+MEASURE_FIELDS = tuple(
+    column for measure in REGISTRY.values() for column in measure.columns if column not in WEN_FIELDS
+) + ("replication_threshold", "null_content_similarity", "verdict", "verdict_rule")
 
 
 def good_inputs():

@@ -7,23 +7,14 @@ import subprocess
 import sys
 
 import duckdb
-from conftest import png_bytes
+from conftest import png_bytes, tiny_flags
 from PIL import Image
 
 from memray.catalog.schema import AuditRow
 from memray.catalog.writer import CatalogWriter
 from memray.cli import main
 
-SMALL = (
-    "invmm.steps=20",
-    "invmm.check_every=10",
-    "noise_inversion.steps=5",
-    "noise_inversion.regularized_steps=5",
-    "prompt_inversion.steps=5",
-    "wasserstein.noises=8",
-    "hard_prompt.restarts=1",
-)
-QUICK = ["--preset", "quick", *(arg for setting in SMALL for arg in ("--set", setting))]
+QUICK = tiny_flags()
 
 
 def test_inspect_prints_every_measure_and_writes_figures(tiny_sd_dir, tmp_path, capsys):
@@ -49,7 +40,7 @@ def test_inspect_prints_every_measure_and_writes_figures(tiny_sd_dir, tmp_path, 
     printed = capsys.readouterr()
     for field in ("invmm_kl", "wasserstein", "noise_ks_p", "z0_error", "wen_score", "verdict", "unet_forwards"):
         assert field in printed.out
-    assert "InvMM: 20/20" in printed.err  # progress of the long optimisations
+    assert "InvMM: 4/4" in printed.err  # progress of the long optimisations
     with Image.open(out / "samples.png") as samples:
         assert samples.width > samples.height  # target + 2 replicas side by side
     with Image.open(out / "error_distributions.png") as plot:
@@ -114,3 +105,38 @@ def test_console_script_prints_the_config_and_its_hash():
 
     assert printed["config_hash"] == quick_config().hash()
     assert printed["invmm"]["steps"] == quick_config().invmm.steps
+
+
+def test_the_command_line_starts_without_torch_and_names_every_preset():
+    import memray.cli
+    from memray.config import PRESETS
+
+    assert memray.cli.PRESET_NAMES == tuple(sorted(PRESETS))
+    probe = "import sys, memray.cli, memray.catalog.reader; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"  # --help, query, status, compare, report: no torch
+
+
+def test_status_shows_models_verdicts_failures_and_the_last_run(tmp_path, capsys):
+    with CatalogWriter(tmp_path / "c") as writer:
+        writer.add(
+            [
+                AuditRow(image_id="a", model="m-1", run_id="r1", audited_at="2026-11-01", verdict="memorized"),
+                AuditRow(image_id="b", model="m-1", run_id="r1", audited_at="2026-11-01", verdict="not_memorized"),
+                AuditRow(image_id="c", model="m-1", run_id="r1", audited_at="2026-11-01", status="error", error="x"),
+            ]
+        )
+    assert main(["status", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    header, _, row = out.splitlines()[1:4]
+    values = dict(zip(header.split(), row.split()))
+    assert values["model"] == "m-1" and values["images"] == "2" and values["memorized"] == "1"
+    assert values["not_memorized"] == "1" and values["failed"] == "1" and values["runs"] == "1"
+    assert "last run r1 (m-1): 3 rows, 1 errors" in out
+
+
+def test_model_demo_names_the_shipped_demo_model():
+    from memray.demo import trained_demo_model
+    from memray.models.loading import resolve_checkpoint
+
+    assert resolve_checkpoint("demo") == trained_demo_model()

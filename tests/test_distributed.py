@@ -9,7 +9,7 @@ from pathlib import Path
 
 import fsspec
 import pytest
-from conftest import png_bytes, tiny_budgets
+from conftest import png_bytes, tiny_budgets, tiny_flags
 from s3server import s3_environment
 
 from memray.catalog.reader import Catalog
@@ -19,11 +19,7 @@ pytestmark = pytest.mark.slow
 pytest_plugins = ["s3server"]
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = tiny_budgets().replace(measures=["invmm", "z0_error"])
-SMALL_FLAGS = [
-    "--preset", "quick", "--set", 'measures=["invmm","z0_error"]', "--set", "invmm.steps=4",
-    "--set", "invmm.check_every=2", "--set", "invmm.check_noises=2", "--set", "invmm.sampling_steps=3",
-    "--set", "invmm.guidance_scales=[1.0]", "--set", "z0_error.timesteps=3", "--set", "z0_error.noises=2",
-]  # fmt: skip
+SMALL_FLAGS = tiny_flags(measures=["invmm", "z0_error"])
 OPTIONS = PipelineOptions(actors=1, batch_size=2, cpus_per_actor=0.5, rows_per_file=3)
 
 

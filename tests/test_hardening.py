@@ -13,7 +13,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import png_bytes
+from conftest import png_bytes, tiny_flags
 from test_distributed import CONFIG, write_shard
 
 from memray.catalog.reader import Catalog
@@ -28,16 +28,7 @@ from memray.distributed.pipeline import PipelineError, PipelineOptions, run_audi
 from memray.errors import CatalogLeaseError, CatalogQueryError, CatalogWriteError
 from memray.models.loading import CheckpointError, model_slug, require_safe_weights
 
-TINY = [
-    "--preset",
-    "quick",
-    "--set",
-    'measures=["z0_error"]',
-    "--set",
-    "z0_error.timesteps=2",
-    "--set",
-    "z0_error.noises=1",
-]
+TINY = tiny_flags(measures=["z0_error"])
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ import torch
 from conftest import png_bytes, threshold_targets, tiny_budgets
 
 from memray.auditing.runner import audit_batch
-from memray.config import quick_config
 from memray.data.images import decode_image, to_model_tensor
 from memray.data.records import ImageInput
 from memray.measures import rng
@@ -340,11 +339,11 @@ TARGET = 2  # image A sits in the middle of the batch of 8
 
 @pytest.fixture(scope="module")
 def alone_audit(tiny_sd):
-    return audit_batch(tiny_sd, [BATCH[TARGET]], quick_config())[0]
+    return audit_batch(tiny_sd, [BATCH[TARGET]], tiny_budgets())[0]
 
 
 def test_runner_row_is_the_same_alone_and_inside_a_batch_of_8(tiny_sd, alone_audit):
-    batch = audit_batch(tiny_sd, BATCH, quick_config())
+    batch = audit_batch(tiny_sd, BATCH, tiny_budgets())
     assert [a.row.image_id for a in batch] == [inp.image_id for inp in BATCH]
     assert all(a.row.status == "ok" for a in batch), [a.row.error for a in batch]
     alone, inside = alone_audit.row, batch[TARGET].row
@@ -358,13 +357,13 @@ def test_runner_row_is_the_same_alone_and_inside_a_batch_of_8(tiny_sd, alone_aud
 
 
 def test_same_image_and_seed_give_identical_rows(tiny_sd, alone_audit):
-    again = audit_batch(tiny_sd, [BATCH[TARGET]], quick_config())[0]
+    again = audit_batch(tiny_sd, [BATCH[TARGET]], tiny_budgets())[0]
     assert_rows_match(alone_audit.row, again.row, exact=True)
     torch.testing.assert_close(alone_audit.invmm_mu, again.invmm_mu, rtol=0, atol=0)
 
 
 def test_a_different_seed_gives_different_invmm_values(tiny_sd, alone_audit):
-    other = audit_batch(tiny_sd, [BATCH[TARGET]], quick_config().replace(seed=1))[0]
+    other = audit_batch(tiny_sd, [BATCH[TARGET]], tiny_budgets().replace(seed=1))[0]
     assert other.row.status == "ok"
     assert other.row.config_hash != alone_audit.row.config_hash
     assert other.row.invmm_similarity != alone_audit.row.invmm_similarity

@@ -1,10 +1,10 @@
 """Compare two audited checkpoints image by image, and judge the differences against a policy.
 
-Models are named by their slug (the `model` column, the catalog's partition key): the
-comparison reads the `latest` view, so under each slug it takes the newest ok row per image,
-whatever checkpoint fingerprint or audit config produced it. Two checkpoints audited under
-the same slug cannot be compared; images whose rows come from different audit configs are
-compared anyway and counted in a warning, since their scores may not be comparable.
+Models are named by their slug (the `model` column, the catalog's partition key: the checkpoint's
+folder name and its fingerprint, so two checkpoints never share one): the comparison reads the
+`latest` view, so under each slug it takes the newest ok row per image (id and bytes), whatever
+audit config produced it; images whose rows come from different audit configs are compared
+anyway and counted in a warning, since their scores may not be comparable.
 
 A regression is a change towards "more memorized" under the new model:
 - `newly_memorized`: the verdict became `memorized`;

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pyarrow as pa
+
 from memray.catalog.compare import previous_model
 from memray.catalog.reader import Catalog
 
@@ -53,7 +55,10 @@ ORDER BY started DESC NULLS LAST, run_id
 # Images with no ok row under a model: their newest error explains why.
 _ERRORS_SQL = """
 SELECT model, image_id, error, audited_at FROM audits AS a
-WHERE status <> 'ok' AND NOT EXISTS (SELECT 1 FROM latest AS l WHERE l.model = a.model AND l.image_id = a.image_id)
+WHERE status <> 'ok' AND NOT EXISTS (
+    SELECT 1 FROM latest AS l
+    WHERE l.model = a.model AND l.image_id = a.image_id AND l.image_sha256 IS NOT DISTINCT FROM a.image_sha256
+)
 QUALIFY row_number() OVER (PARTITION BY model, image_id ORDER BY audited_at DESC NULLS LAST, run_id DESC NULLS LAST) = 1
 ORDER BY audited_at DESC NULLS LAST, model, image_id
 """
@@ -73,6 +78,25 @@ ORDER BY {_RANK} LIMIT 1
 
 
 _RUN_SQL = f"SELECT * FROM audits WHERE run_id = $run_id ORDER BY status <> 'ok', {_RANK}"
+_STATUS_SQL = f"""
+WITH models AS ({_MODELS_SQL}),
+failed AS (SELECT model, count(*) AS failed FROM ({_ERRORS_SQL}) GROUP BY model)
+SELECT model, images, memorized, inconclusive, not_memorized, coalesce(failed, 0) AS failed, runs,
+    last_audited, unet_forwards + unet_backwards AS unet_evaluations
+FROM models LEFT JOIN failed USING (model)
+ORDER BY last_audited DESC NULLS LAST, model
+"""
+
+
+def catalog_status(catalog: Catalog) -> tuple[pa.Table, dict | None]:
+    """Per model (newest first): images, verdict counts, images without an ok row, runs, last audit,
+    UNet evaluations; and the newest run."""
+    con = catalog.connect()
+    try:
+        runs = _records(con, _RUNS_SQL)
+        return con.sql(_STATUS_SQL).to_arrow_table(), runs[0] if runs else None
+    finally:
+        con.close()
 
 
 def run_rows(catalog: Catalog, run_id: str) -> list[dict]:

@@ -55,6 +55,7 @@ class PipelineOptions:
     rows_per_file: int = 2000
     flush_seconds: float = 60.0
     allow_uri_prefixes: tuple[str, ...] = ()  # where manifests may point besides their own root
+    verbose: bool = False  # show Ray's own logs, warnings and progress bars (its workers' output too)
 
     def __post_init__(self):
         problems = [
@@ -133,10 +134,13 @@ def _read_records(unit_row: dict, *, skip: frozenset, ledger: RunLedger) -> Iter
 
 
 class ProgressLog:
-    """Images done / total, rate and ETA, as plain log lines (jobs run without a terminal)."""
+    """Images done / total, errors, rate and ETA: a bar redrawn in place on a terminal, a plain line
+    every `every_seconds` elsewhere (the log of a `ray job submit` job)."""
 
     def __init__(self, total: int | None, every_seconds: float = 10.0, stream=None):
-        self.total, self.every, self.stream = total, every_seconds, stream or sys.stdout
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.total, self.every = total, 1.0 if self.tty else every_seconds
         self.done = self.errors = 0
         self.started = self.last = time.monotonic()
 
@@ -147,8 +151,8 @@ class ProgressLog:
         if time.monotonic() - self.last >= self.every:
             self.print()
 
-    def print(self) -> None:
-        """Print the current line."""
+    def print(self, *, final: bool = False) -> None:
+        """Print the current line (`final`: the last one, which a terminal keeps)."""
         self.last = time.monotonic()
         elapsed = self.last - self.started
         rate = self.done / elapsed * 3600 if elapsed > 0 else 0.0
@@ -159,7 +163,13 @@ class ProgressLog:
             )
         else:
             line = f"audited {self.done} images ({self.errors} errors), {rate:.0f} images/h"
-        print(line, file=self.stream, flush=True)
+        if not self.tty:
+            print(line, file=self.stream, flush=True)
+            return
+        filled = int(24 * self.done / self.total) if self.total else 0
+        bar = f"[{'#' * filled}{'.' * (24 - filled)}] " if self.total else ""
+        self.stream.write(f"\r{bar}{line}\033[K" + ("\n" if final else ""))
+        self.stream.flush()
 
 
 @dataclass
@@ -233,7 +243,15 @@ def run_audit(
         if started_ray:
             # Under `ray job submit` RAY_ADDRESS names the job's cluster; elsewhere start a private
             # local Ray rather than joining whatever cluster last ran on this machine.
-            ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False)
+            ray.init(
+                address=os.environ.get("RAY_ADDRESS") or "local",
+                log_to_driver=options.verbose,
+                logging_level=logging.INFO if options.verbose else logging.ERROR,
+            )
+        if not options.verbose:  # Ray's own progress bars and plans: memray prints its own progress
+            context = ray.data.DataContext.get_current()
+            context.enable_progress_bars = context.print_on_execution_start = False
+            logging.getLogger("ray").setLevel(logging.ERROR)
         gpus = options.gpus_per_actor
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
@@ -269,7 +287,7 @@ def run_audit(
                 progress.update(table)
         finally:
             writer.close()
-        progress.print()
+        progress.print(final=True)
         unfinished = ledger.unfinished([u.uri for u in units], written)
         ledger.remove()
     finally:

@@ -34,6 +34,9 @@ CHUNK_BYTES = 1 << 20
 HUB_ALLOW_PATTERNS = [MODEL_INDEX, "*/*.json", "*/*.safetensors", "*/*.txt", "*/*.model"]
 HUB_IGNORE_PATTERNS = ["*/*.*.safetensors"]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# The demo model with planted memorization, shipped in the package (jobs/train_demo_model.py).
+DEMO_REF = "demo"
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "demo_assets" / "model"
 
 LAYOUT_HINT = (
     "A diffusers checkpoint is a directory written by `Pipeline.save_pretrained()`: a "
@@ -46,7 +49,10 @@ LAYOUT_HINT = (
 
 
 def resolve_checkpoint(ref: str, *, cache_dir: str | Path | None = None) -> Path:
-    """Return a local diffusers pipeline directory for a local path, fsspec URL or Hub repo id."""
+    """Return a local diffusers pipeline directory for a local path, fsspec URL, Hub repo id, or
+    `demo` (the shipped demo model, unless a folder of that name is here)."""
+    if ref == DEMO_REF and not Path(ref).exists():
+        return _require_pipeline_dir(DEMO_MODEL, ref)
     if "://" in ref:
         fs, remote = fsspec.core.url_to_fs(ref)
         if isinstance(fs, LocalFileSystem):
