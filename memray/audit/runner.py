@@ -390,6 +390,7 @@ class _MeasureChain:
             row = self.audits[s].row
             row.invmm_replicated = bool(result.replicated[k])
             row.invmm_kl = _value(result.kl[k]) if result.replicated[k] else None
+            row.invmm_kl_nats = _value(result.kl_nats[k]) if result.replicated[k] else None
             row.invmm_steps = int(result.steps[k])
             row.invmm_similarity = _value(result.similarity[k])
             row.invmm_guidance = _value(result.guidance[k])
