@@ -1,20 +1,21 @@
-"""Does memray tell the demo model's planted (memorized) images from normal and held-out ones?
+"""Does memray find the images a demo model memorized, and leave the others alone?
 
-    python jobs/benchmark_demo.py                     # the shipped demo model and demo set
-    python jobs/benchmark_demo.py --model DIR --manifest DIR/images/manifest.jsonl
+    python jobs/benchmark_demo.py --budget cpu                 # the shipped demo model and demo set
+    python jobs/benchmark_demo.py --model DIR/model --manifest DIR/images/manifest.jsonl
 
-Each measure runs on every image of the demo set and is scored so that higher = more memorized:
-InvMM -KL (never replicated ranks last), Wasserstein W1, z0 error and noise-inversion error with
-the empty prompt (negated: a memorized image is easier to reconstruct), and the caption screen
-(Wen's score under the image's own caption). Printed per measure: AUC and TPR at 1% FPR of
-planted images duplicated >= --positive-min times against normal and held-out images (AUC from
-scipy's Mann-Whitney U), Spearman correlation of the score with the duplication count (held-out
-0, normal 1), and UNet forwards/backwards and seconds per image. Then the paper's unconditional
-check: noise inversion with the empty prompt on the planted images, with and without the KL term,
-its KS normality p-values, and whether DDIM from the inverted noise replicates the image.
+The demo manifest carries each image's graded ground truth (jobs/train_demo_model.py): the share
+of 16 noises from which its own caption replicates it. Positives: caption rate >= 0.5.
+Negatives: rate 0, training images and never-trained ones alike; a never-trained image is
+always a negative (it cannot be memorized) and any ground-truth replication of one is flagged.
+Training images with 0 < rate < 0.5 are borderline: listed, kept out of both classes.
 
-Budgets: the reference hyperparameters, cut where --budget says (printed with the table): the
-reference budgets cost ~58k UNet forwards per image for InvMM alone.
+Every measure is scored so that higher = more memorized and printed with its AUC (Mann-Whitney
+U), TPR at 1% FPR, Spearman correlation with the graded rate (all images), and UNet forwards,
+backwards and seconds per image. Two settings: the caption known (InvMM and the prompt
+inversion start from it, Wen screens it) and the prompt unknown (no caption reaches memray:
+InvMM from zero logits, prompt inversion from random tokens). Then the verdicts per class, and
+the paper's unconditional check: noise inversion with the empty prompt on the planted images,
+with and without the KL term, its KS p-values and whether DDIM from the result replicates.
 """
 
 from __future__ import annotations
@@ -24,24 +25,41 @@ import json
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import stats
 
-from memray.auditing.runner import audit_batch
-from memray.config import AuditConfig
+from memray.auditing.runner import audit_batch, config_targets, model_null_bank
+from memray.config import AuditConfig, apply_overrides
 from memray.data.records import ImageInput
 from memray.demo import read_demo_manifest, trained_demo_manifest, trained_demo_model
 from memray.measures import rng
 from memray.measures.noise_inversion import invert_noise
 from memray.measures.replication import replication_check
-from memray.measures.similarity import build_similarity
 from memray.models import load_model
 
 # Budgets: the reference values with fewer steps and noises, same measures and same algorithms.
 BUDGETS = {
+    "cpu": dict(  # at most 3,000 UNet evaluations per image for InvMM; ~40 min for the demo set on 2 cores
+        invmm={
+            "steps": 100,
+            "samples_per_step": 8,
+            "check_every": 25,
+            "check_noises": 4,
+            "sampling_steps": 20,
+            "loss_window": 50,
+            "guidance_scales": [1.0, 3.0, 5.0, 7.0],
+        },
+        similarity={"null_samples": 64},
+        prompt_inversion={"steps": 100, "samples_per_step": 8},
+        wasserstein={"noises": 64, "timesteps": 10},
+        z0_error={"timesteps": 50, "noises": 16},
+        noise_inversion={"steps": 100, "regularized_steps": 100, "samples_per_step": 8, "ks_samples": 200},
+        wen={"generations": 4},
+    ),
     "bench": dict(
         invmm={
             "steps": 400,
@@ -57,24 +75,8 @@ BUDGETS = {
         noise_inversion={"steps": 300, "regularized_steps": 300, "ks_samples": 200},
         wen={"generations": 4},
     ),  # fmt: skip
-    "cpu": dict(  # what a 2-core CPU audits 36 images with in about half an hour
-        invmm={
-            "steps": 150,
-            "samples_per_step": 8,
-            "check_every": 50,
-            "check_noises": 4,
-            "sampling_steps": 20,
-            "loss_window": 50,
-            "guidance_scales": [1.0, 3.0, 5.0, 7.0],
-        },
-        prompt_inversion={"steps": 100, "samples_per_step": 8},
-        wasserstein={"noises": 64, "timesteps": 10},
-        z0_error={"timesteps": 50, "noises": 16},
-        noise_inversion={"steps": 100, "regularized_steps": 100, "samples_per_step": 8, "ks_samples": 200},
-        wen={"generations": 4},
-    ),
     "reference": {},
-    "smoke": dict(
+    "smoke": dict(  # a seconds-long run of every step, for checking the script itself
         invmm={
             "steps": 4,
             "check_every": 2,
@@ -84,29 +86,63 @@ BUDGETS = {
             "samples_per_step": 2,
             "guidance_scales": [1.0, 3.0],
         },
+        similarity={"null_samples": 4},
         prompt_inversion={"steps": 3, "samples_per_step": 2},
         wasserstein={"noises": 8, "timesteps": 3},
         z0_error={"timesteps": 3, "noises": 2},
         noise_inversion={"steps": 3, "regularized_steps": 3, "samples_per_step": 2, "ks_samples": 10},
         wen={"generations": 1, "sampling_steps": 3},
-    ),  # a seconds-long run of every step, for checking the script itself
+    ),
 }
-# name: (measures run, score of a row: higher = more memorized)
+
+
+@dataclass(frozen=True)
+class Measure:
+    """A benchmarked measure: what it runs, how a row scores (higher = more memorized), in which settings."""
+
+    runs: tuple[str, ...]
+    score: object
+    settings: tuple[str, ...] = ("caption", "unknown")
+
+
+def _kl_score(row) -> float:
+    return -row.invmm_kl if row.invmm_replicated and row.invmm_kl is not None else -np.inf
+
+
+# InvMM's rows carry the unconditional rate too: it reuses the model null and costs no UNet call.
+INVMM = ("invmm", "uncond_replication")
 MEASURES = {
-    "InvMM (-KL)": (("invmm",), lambda r: -r.invmm_kl if r.invmm_replicated and r.invmm_kl is not None else -np.inf),
-    "Wasserstein W1": (("prompt_inversion", "wasserstein"), lambda r: r.wasserstein),
-    "z0 error (-)": (("z0_error",), lambda r: -r.z0_error),
-    "noise inversion error (-)": (("noise_inversion",), lambda r: -r.noise_error),
-    "caption screen (Wen)": (("wen",), lambda r: r.wen_score),
+    "InvMM (-KL)": Measure(INVMM, _kl_score),
+    "M4 relative shift": Measure(("prompt_inversion", "wasserstein"), lambda r: r.err_shift_relative),
+    "M4 shift (sd)": Measure(("prompt_inversion", "wasserstein"), lambda r: r.wasserstein_shift_sd),
+    "M4 W1": Measure(("prompt_inversion", "wasserstein"), lambda r: r.wasserstein),
+    "caption screen (Wen)": Measure(("wen",), lambda r: r.wen_score, ("caption",)),
+    "uncond replication rate": Measure(INVMM, lambda r: r.uncond_replication_rate, ("unknown",)),
+    "z0 error (-)": Measure(("z0_error",), lambda r: -r.z0_error, ("unknown",)),
+    "noise inversion error (-)": Measure(("noise_inversion",), lambda r: -r.noise_error, ("unknown",)),
 }
+SETTINGS = {"caption": "caption known", "unknown": "prompt unknown"}
 
 
 def load_demo_set(manifest: Path) -> list[dict]:
-    """The manifest's records (id, uri, caption, split, duplicates) with their image bytes."""
+    """The manifest's records with their image bytes."""
     records = read_demo_manifest(manifest)
+    missing = [r["id"] for r in records if "truth_caption_rate" not in r]
+    if missing:
+        raise SystemExit(f"{manifest}: no ground truth for {missing[:3]}...; run jobs/train_demo_model.py --check-only")
     for record in records:
         record["data"] = (manifest.parent / record["uri"]).read_bytes()
     return records
+
+
+def classes(records) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(positive, negative) masks and the borderline ids (docstring)."""
+    rate = np.array([r["truth_caption_rate"] for r in records])
+    trained = np.array([r["duplicates"] > 0 for r in records])
+    positive = trained & (rate >= 0.5)
+    negative = ~trained | (rate == 0)
+    borderline = [r["id"] for r, p, n in zip(records, positive, negative) if not (p or n)]
+    return positive, negative, borderline
 
 
 def auc(positives: np.ndarray, negatives: np.ndarray) -> float:
@@ -122,9 +158,12 @@ def tpr_at_fpr(positives: np.ndarray, negatives: np.ndarray, fpr: float = 0.01) 
     return float(np.mean(positives > threshold))
 
 
-def run_measure(loaded, records, config: AuditConfig, batch_size: int):
-    """Audit every record with `config`; rows in record order and seconds of wall time."""
-    items = [ImageInput(image_id=r["id"], data=r["data"], caption=r["caption"]) for r in records]
+def run_audit(loaded, records, config: AuditConfig, batch_size: int, with_caption: bool):
+    """Audit every record; rows in record order and seconds of wall time (the model null excluded)."""
+    model_null_bank(loaded, config)  # once per model and config, not per image: timed apart
+    items = [
+        ImageInput(image_id=r["id"], data=r["data"], caption=r["caption"] if with_caption else None) for r in records
+    ]
     started = time.perf_counter()
     rows = []
     for start in range(0, len(items), batch_size):
@@ -135,28 +174,64 @@ def run_measure(loaded, records, config: AuditConfig, batch_size: int):
     return rows, time.perf_counter() - started
 
 
-def measure_line(name: str, rows, records, seconds: float, positive_min: int) -> str:
+def measure_line(name: str, rows, records, seconds: float) -> str:
     """One table line: AUC, TPR@1%FPR, Spearman and cost per image."""
-    score = np.array([MEASURES[name][1](r) for r in rows], dtype=float)
-    duplicates = np.array([r["duplicates"] for r in records])
-    split = np.array([r["split"] for r in records])
-    positive = (split == "planted") & (duplicates >= positive_min)
-    negative = split != "planted"
-    rho = stats.spearmanr(duplicates, score).statistic
+    score = np.array([np.nan if (v := MEASURES[name].score(r)) is None else v for r in rows], dtype=float)
+    score = np.nan_to_num(score, nan=-np.inf)
+    positive, negative, _ = classes(records)
+    rate = np.array([r["truth_caption_rate"] for r in records])
+    rho = stats.spearmanr(rate, score).statistic
     forwards = np.mean([r.unet_forwards for r in rows])
     backwards = np.mean([r.unet_backwards for r in rows])
     return (
-        f"{name:26s} {auc(score[positive], score[negative]):6.3f} {tpr_at_fpr(score[positive], score[negative]):8.3f} "
+        f"  {name:26s} {auc(score[positive], score[negative]):6.3f} {tpr_at_fpr(score[positive], score[negative]):7.3f} "
         f"{rho:9.3f} {forwards:13.0f} {backwards:14.0f} {seconds / len(rows):12.2f}"
     )
 
 
+def invmm_lines(rows, records) -> list[str]:
+    """What InvMM replicated, per class; replications of never-trained images named."""
+    positive, negative, _ = classes(records)
+    replicated = np.array([bool(r.invmm_replicated) for r in rows])
+    readable = np.array([bool(r.invmm_prompt_replicated) for r in rows])
+    never = np.array([r["duplicates"] == 0 for r in records])
+    false = [r.image_id for r, hit, n in zip(rows, replicated, never) if hit and n]
+    kls = [r.invmm_kl_nats for r, p in zip(rows, positive) if p and r.invmm_replicated]
+    return [
+        f"  InvMM replicated: positives {replicated[positive].sum()}/{positive.sum()} "
+        f"(by the readable prompt too: {readable[positive].sum()}), negatives {replicated[negative].sum()}/{negative.sum()}, "
+        f"never-trained {replicated[never].sum()}/{never.sum()} {false or ''}",
+        f"  KL (nats) of replicated positives: {', '.join(f'{k:.3g}' for k in sorted(kls)) or '-'}",
+    ]
+
+
+def verdict_lines(rows, records) -> list[str]:
+    """Verdict counts per class (the full chain's decision)."""
+    positive, negative, _ = classes(records)
+    lines = []
+    for label, mask in (("positives", positive), ("negatives", negative), ("borderline", ~(positive | negative))):
+        counts = {
+            v: sum(1 for r, m in zip(rows, mask) if m and r.verdict == v)
+            for v in ("memorized", "inconclusive", "not_memorized")
+        }
+        lines.append(f"  {label:10s} " + "  ".join(f"{k} {v}" for k, v in counts.items()))
+    return lines
+
+
 @torch.no_grad()
-def _replicates(model, z0, noise, similarity, steps: int) -> np.ndarray:
-    """Does DDIM with the empty prompt from this (aligned) noise replicate each image?"""
+def _replicates(model, z0, noise, similarity, targets, steps: int) -> np.ndarray:
+    """Does DDIM with the empty prompt from this noise replicate each image (its own bar)?"""
     owner = torch.arange(len(z0), device=model.device)
     result = replication_check(
-        model, z0, noise.unsqueeze(1), model.empty_condition(len(z0)), [1.0], similarity, owner, num_steps=steps
+        model,
+        z0,
+        noise.unsqueeze(1),
+        model.empty_condition(len(z0)),
+        [1.0],
+        similarity,
+        targets,
+        owner,
+        num_steps=steps,
     )
     return result.replicated.cpu().numpy()
 
@@ -170,31 +245,39 @@ def unconditional_check(loaded, records, config: AuditConfig) -> list[str]:
     pixels = torch.stack([to_model_tensor(decode_image(r["data"]), model.resolution) for r in planted])
     z0 = model.encode_images(pixels.to(model.device)).detach()
     owner = torch.arange(len(planted), device=model.device)
-    model.counter.reset(len(planted))  # the check's own batch, not the last audited one
-    similarity = build_similarity(config.similarity.kind, threshold=config.similarity.threshold)
+    similarity, targets = config_targets(model, config, z0, model_null_bank(loaded, config))
     lines = []
-    for regularized in (False, True):
-        gens = rng.image_generators([r["id"] for r in planted], config.seed, "bench_uncond", model.device)
-        result = invert_noise(
-            model, z0, model.empty_condition(len(planted)), gens, owner, config.noise_inversion, regularized=regularized
-        )
-        replicated = _replicates(model, z0, result.noise, similarity, config.invmm.sampling_steps)
-        label = "with KL (N(mu, sigma^2))" if regularized else "without KL (a point eps*)"
-        lines.append(
-            f"  {label:28s} mean KS p {np.mean(result.ks_p):.3g} (p < 0.05 for {np.mean(result.ks_p < 0.05):.0%}), "
-            f"replicated by DDIM from {'mu*' if regularized else 'eps*'}: {int(replicated.sum())}/{len(planted)}"
-        )
+    with model.counter.scope(len(planted)):
+        for regularized in (False, True):
+            gens = rng.image_generators([r["id"] for r in planted], config.seed, "bench_uncond", model.device)
+            result = invert_noise(
+                model,
+                z0,
+                model.empty_condition(len(planted)),
+                gens,
+                owner,
+                config.noise_inversion,
+                regularized=regularized,
+            )
+            replicated = _replicates(model, z0, result.noise, similarity, targets, config.invmm.sampling_steps)
+            label = "with KL (N(mu, sigma^2))" if regularized else "without KL (a point eps*)"
+            lines.append(
+                f"  {label:28s} mean KS p {np.mean(result.ks_p):.3g} (p < 0.05 for {np.mean(result.ks_p < 0.05):.0%}), "
+                f"replicated by DDIM from {'mu*' if regularized else 'eps*'}: {int(replicated.sum())}/{len(planted)}"
+            )
     return lines
 
 
 def main() -> None:
-    """Print the measure table and the unconditional check."""
+    """Print the tables of both settings, the verdicts and the unconditional check."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(trained_demo_model()))
     parser.add_argument("--manifest", default=str(trained_demo_manifest()))
-    parser.add_argument("--budget", choices=sorted(BUDGETS), default="bench")
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--measures", nargs="*", default=list(MEASURES), choices=list(MEASURES))
-    parser.add_argument("--positive-min", type=int, default=16, help="planted images duplicated at least this often")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a setting")
+    parser.add_argument("--no-uncond-check", action="store_true", help="skip the paper's unconditional check")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device")
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 when other work shares the cores)")
@@ -202,27 +285,52 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    try:
-        records = load_demo_set(Path(args.manifest))
-    except FileNotFoundError as error:
-        raise SystemExit(f"{error}, or pass --model and --manifest") from None
+    records = load_demo_set(Path(args.manifest))
     loaded = load_model(args.model, device=args.device)
-    base = AuditConfig().replace(**BUDGETS[args.budget])
-    splits = {s: sum(r["split"] == s for r in records) for s in ("planted", "normal", "heldout")}
-    print(f"demo set {args.manifest}: {splits}; positives: planted with >= {args.positive_min} copies")
-    print(f"model {args.model}; budget {args.budget} {json.dumps(BUDGETS[args.budget])}")
+    base = apply_overrides(AuditConfig().replace(**BUDGETS[args.budget]), args.set)
+    positive, negative, borderline = classes(records)
+    never = sum(r["duplicates"] == 0 for r in records)
+    print(f"demo set {args.manifest}: {len(records)} images, {positive.sum()} positives (caption rate >= 0.5), "
+          f"{negative.sum()} negatives ({never} never trained), borderline {borderline}")  # fmt: skip
+    flagged = [r["id"] for r in records if r["duplicates"] == 0 and r["truth_caption_rate"] > 0]
+    if flagged:
+        print(f"  ground truth replicates never-trained images (a fault of the similarity): {flagged}")
+    print(f"model {args.model}; budget {args.budget} {json.dumps(BUDGETS[args.budget])} {args.set or ''}")
     print(
         f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, {loaded.adapter.device}"
     )
-    print(f"{'measure':26s} {'AUC':>6s} {'TPR@1%':>8s} {'Spearman':>9s} {'forwards/img':>13s} "
-          f"{'backwards/img':>14s} {'seconds/img':>12s}")  # fmt: skip
-    for name in args.measures:
-        config = base.replace(measures=list(MEASURES[name][0]))
-        rows, seconds = run_measure(loaded, records, config, args.batch_size)
-        print(measure_line(name, rows, records, seconds, args.positive_min), flush=True)
-    print("unconditional check (empty prompt, planted images):")
-    for line in unconditional_check(loaded, records, base):
-        print(line, flush=True)
+    for setting in args.settings:
+        config = base.replace(
+            invmm={"prompt_init": "caption" if setting == "caption" else "zero"},
+            prompt_inversion={"init": "caption" if setting == "caption" else "random"},
+        )
+        print(f"\n{SETTINGS[setting]}")
+        print(f"  {'measure':26s} {'AUC':>6s} {'TPR@1%':>7s} {'Spearman':>9s} {'forwards/img':>13s} "
+              f"{'backwards/img':>14s} {'seconds/img':>12s}")  # fmt: skip
+        done: dict[tuple, tuple] = {}
+        for name in args.measures:
+            measure = MEASURES[name]
+            if setting not in measure.settings:
+                continue
+            if measure.runs not in done:
+                done[measure.runs] = run_audit(
+                    loaded, records, config.replace(measures=list(measure.runs)), args.batch_size, setting == "caption"
+                )
+            rows, seconds = done[measure.runs]
+            print(measure_line(name, rows, records, seconds), flush=True)
+            if name == "InvMM (-KL)":
+                for line in invmm_lines(rows, records):
+                    print(line, flush=True)
+        if INVMM in done:
+            print(f"  verdicts ({' + '.join(INVMM)}):")
+            for line in verdict_lines(done[INVMM][0], records):
+                print(line, flush=True)
+    bank_cost = sum(loaded.null_bank_costs.values())
+    print(f"\nmodel null: {bank_cost} UNet forwards per model and configuration, shared by every image")
+    if not args.no_uncond_check:
+        print("unconditional check (empty prompt, planted images):")
+        for line in unconditional_check(loaded, records, base):
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -102,7 +102,6 @@ def audit_config(args, model):
     return config.replace(measures=list(supported_measures(config, model)))
 
 
-
 def cmd_inspect(args) -> int:
     """Audit one image and write its figures."""
     from memray.auditing.runner import ImageInput, audit_batch, replica_samples
@@ -167,7 +166,9 @@ def print_rows(rows, stream=None, truth: dict[str, str] | None = None) -> None:
     ]
     table = [
         [
-            format_value(getattr(row, c)) if row.status == "ok" or c == "image_id" else (row.error if c == "verdict" else "")
+            format_value(getattr(row, c))
+            if row.status == "ok" or c == "image_id"
+            else (row.error if c == "verdict" else "")
             for c in columns
         ]
         + ([truth.get(row.image_id, "-")] if truth else [])
@@ -312,8 +313,6 @@ def cmd_config(args) -> int:
     config = load_config(args.config) if args.config else preset_config(args.preset)
     print(json.dumps({"config_hash": config.hash(), **config.to_dict()}, indent=2))
     return 0
-
-
 
 
 def _off_or(cast):

@@ -30,8 +30,6 @@ V1_CHAIN = ("z0_error", "noise_inversion", "prompt_inversion", "wasserstein")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-
-
 @dataclass(frozen=True)
 class SimilarityConfig:
     """Which similarity decides replication, and the bar a replica must clear (docs/science.md).
@@ -55,7 +53,9 @@ class SimilarityConfig:
 class VerdictConfig:
     """The rule from scores to memorized / not_memorized / inconclusive."""
 
-    invmm_kl_max: float = 0.5  # replicated with KL at most this: memorized
+    # replicated by InvMM where the KL bound says plain N(0, I) noise under that prompt replicates the
+    # image in at least this share of samples: memorized (docs/science.md, "the verdict")
+    invmm_rate_min: float = 0.001
     uncond_rate_min: float = 0.03  # replicated by at least this share of the empty prompt's samples: memorized
     shift_sd_memorized: float = 10.0  # Chebyshev: P <= 1/k^2 = 1% under the safe model
     shift_sd_clear: float = 3.0
@@ -236,8 +236,8 @@ def validate(config: AuditConfig) -> None:
         problems.append(f"invmm.prompt_lr: must be > 0 (or unset: lr), got {config.invmm.prompt_lr}")
     if not 0 <= config.verdict.uncond_rate_min <= 1:
         problems.append(f"verdict.uncond_rate_min: must be in [0, 1], got {config.verdict.uncond_rate_min}")
-    if not config.verdict.invmm_kl_max >= 0:
-        problems.append(f"verdict.invmm_kl_max: must be >= 0, got {config.verdict.invmm_kl_max}")
+    if not 0 < config.verdict.invmm_rate_min <= 1:
+        problems.append(f"verdict.invmm_rate_min: must be in (0, 1], got {config.verdict.invmm_rate_min}")
     if not config.verdict.shift_sd_clear <= config.verdict.shift_sd_memorized:
         problems.append("verdict.shift_sd_clear: cannot exceed verdict.shift_sd_memorized")
     if not 0 < config.invmm.prompt_init_weight < 1:

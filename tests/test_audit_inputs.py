@@ -258,22 +258,26 @@ def test_wen_tokens_are_the_words_for_every_tiny_vocabulary_word(tiny_sd):
 
 # -- verdict rules -------------------------------------------------------------------------------
 
-RULE = VerdictConfig()  # invmm_kl_max 0.5, shift_sd_memorized 10, shift_sd_clear 3
+RULE = VerdictConfig()  # invmm_rate_min 0.001, shift_sd_memorized 10, shift_sd_clear 3
 
 
 @pytest.mark.parametrize(
     "fields, verdict, rule",
     [
         (
-            dict(invmm_replicated=True, invmm_kl=0.1234, invmm_steps=50),
+            dict(invmm_replicated=True, invmm_kl=0.01, invmm_kl_nats=2.56, invmm_steps=50),
             "memorized",
-            "InvMM replicated at KL 0.1234 <= 0.5",
+            "InvMM replicated at KL 2.56 nats: N(0, I) noise under its prompt replicates in >= 0.0535 of samples, >= 0.001",
         ),
-        (dict(invmm_replicated=True, invmm_kl=0.5, invmm_steps=50), "memorized", "InvMM replicated at KL 0.5 <= 0.5"),
         (
-            dict(invmm_replicated=True, invmm_kl=2.0, invmm_steps=50, wasserstein_shift_sd=20.0),
+            dict(invmm_replicated=True, invmm_kl=2.0, invmm_kl_nats=512.0, invmm_steps=50, wasserstein_shift_sd=20.0),
             "inconclusive",
-            "InvMM replicated only at KL 2 > 0.5",
+            "InvMM replicated at KL 512 nats: N(0, I) noise under its prompt replicates in >= 3.03e-223 of samples, < 0.001",
+        ),
+        (
+            dict(invmm_replicated=True, invmm_kl=None, invmm_kl_nats=None, invmm_steps=50),
+            "inconclusive",
+            "InvMM replicated but its KL is not finite",
         ),
         (dict(invmm_replicated=False, invmm_steps=2000), "not_memorized", "InvMM never replicated in 2000 steps"),
         (
@@ -300,8 +304,9 @@ def test_verdict_rules(fields, verdict, rule):
 
 
 def test_verdict_thresholds_come_from_the_config():
-    row = AuditRow(image_id="x", invmm_replicated=True, invmm_kl=0.8, invmm_steps=50)
-    assert decide(row, VerdictConfig(invmm_kl_max=1.0)) == ("memorized", "InvMM replicated at KL 0.8 <= 1.0")
+    row = AuditRow(image_id="x", invmm_replicated=True, invmm_kl_nats=8.0, invmm_steps=50)
+    assert decide(row, RULE)[0] == "inconclusive"  # bound 2.3e-4 < 0.001
+    assert decide(row, VerdictConfig(invmm_rate_min=1e-4))[0] == "memorized"
     row = AuditRow(image_id="x", wasserstein_shift_sd=4.0)
     assert decide(row, VerdictConfig(shift_sd_memorized=4.0, shift_sd_clear=1.0))[0] == "memorized"
     assert "P <= 6.25%" in decide(row, VerdictConfig(shift_sd_memorized=4.0, shift_sd_clear=1.0))[1]

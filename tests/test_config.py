@@ -77,7 +77,7 @@ def test_hash_is_stable_and_sensitive_to_every_result_changing_setting():
         base.replace(seed=1),
         base.replace(invmm={"steps": 1999}),
         base.replace(similarity={"threshold": 0.8}),
-        base.replace(verdict={"invmm_kl_max": 0.4}),
+        base.replace(verdict={"invmm_rate_min": 0.01}),
         base.replace(measures=["invmm"]),
         base.replace(precision="bf16"),  # autocast changes the numbers: resume must not mix them
     ]

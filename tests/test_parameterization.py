@@ -119,7 +119,7 @@ def checkpoints(tiny_sd_dir, tmp_path_factory):
 
 
 def by_hand(kind, output, z_t, a):
-    """The SCIENCE.md conversions, written out independently of memray (float64)."""
+    """The conversions of docs/science.md, written out independently of memray (float64)."""
     output, z_t = output.double(), z_t.double()
     a = torch.as_tensor(a, dtype=torch.float64).reshape(-1, 1, 1, 1)
     if kind == "epsilon":

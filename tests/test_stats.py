@@ -1,4 +1,4 @@
-"""Gaussian KL, KS normality and 1-D Wasserstein against torch.distributions, scipy and closed forms."""
+"""Gaussian KL and its rate bound, KS normality and 1-D Wasserstein against torch.distributions, scipy and closed forms."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import stats
 
-from memray.measures.stats import kl_to_standard_normal, ks_normality_pvalues, wasserstein_1d
+from memray.measures.stats import kl_to_standard_normal, ks_normality_pvalues, standard_noise_rate_bound, wasserstein_1d
 
 # -- KL(N(mu, sigma^2) || N(0, I)) ------------------------------------------------------------
 
@@ -54,6 +54,26 @@ def test_kl_gradients_match_torch_distributions():
     r_mu, r_lv = torch.autograd.grad(reference_kl(mu, log_var).mean(1).sum(), (mu, log_var))
     torch.testing.assert_close(g_mu, r_mu)
     torch.testing.assert_close(g_lv, r_lv)
+
+
+# -- the rate bound: from a replicating noise distribution q to N(0, I) ----------------------------
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.5, 1.0, 2.0, 3.0])
+@pytest.mark.parametrize("edge", [-3.0, -1.0, 0.0, 1.0, 2.5])
+def test_rate_bound_holds_for_a_shifted_gaussian_and_a_half_space(shift, edge):
+    # q = N(shift e1, I), A = {x1 > edge}: KL = shift^2 / 2, q(A) = sf(edge - shift), p(A) = sf(edge)
+    kl = shift**2 / 2
+    assert kl == pytest.approx(kl_to_standard_normal(torch.tensor([[shift]]), torch.zeros(1, 1), "sum").item())
+    q_a, p_a = stats.norm.sf(edge - shift), stats.norm.sf(edge)
+    assert standard_noise_rate_bound(kl, q_a) <= p_a
+
+
+def test_rate_bound_is_tight_in_the_exponent_where_q_always_replicates():
+    # q(A) = 1: KL >= log 1/p(A); the bound gives up only the factor e^(-1/e) for q(A) < 1 estimated as 1
+    for kl in [0.0, 1.0, 6.0]:
+        assert standard_noise_rate_bound(kl) == pytest.approx(np.exp(-kl - 1 / np.e))
+    assert standard_noise_rate_bound(np.log(1000) - 1 / np.e) == pytest.approx(1e-3)
 
 
 # -- KS normality ----------------------------------------------------------------------------

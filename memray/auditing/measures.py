@@ -113,10 +113,13 @@ def _invmm(batch: Batch, slots: list[int]) -> Filled:
         progress=batch.progress,
     )
     replicated = [bool(r) for r in result.replicated]
-    readable = [bool(p) if r and batch.model.is_conditional else None for r, p in zip(replicated, result.prompt_replicated)]
+    readable = [
+        bool(p) if r and batch.model.is_conditional else None for r, p in zip(replicated, result.prompt_replicated)
+    ]
     columns = {
         "invmm_replicated": replicated,
         "invmm_kl": [value(kl) if r else None for r, kl in zip(replicated, result.kl)],
+        "invmm_kl_nats": [value(kl) if r else None for r, kl in zip(replicated, result.kl_nats)],
         "invmm_steps": [int(s) for s in result.steps],
         "invmm_similarity": [value(s) for s in result.similarity],
         "invmm_guidance": [value(g) for g in result.guidance],
@@ -284,6 +287,7 @@ REGISTRY: dict[str, Measure] = {
             (
                 "invmm_replicated",
                 "invmm_kl",
+                "invmm_kl_nats",
                 "invmm_steps",
                 "invmm_similarity",
                 "invmm_guidance",

@@ -38,7 +38,6 @@ from memray.measures.similarity import build_similarity, null_bank, replication_
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class ImageAudit:
     """A catalog row plus the arrays behind it (for `memray inspect` and reports)."""
@@ -218,7 +217,6 @@ def _render_replicas(loaded, image_audit: ImageAudit, config: AuditConfig, count
         row.seconds += time.perf_counter() - started
 
 
-
 def _identity_row(inp: ImageInput, loaded, config: AuditConfig, run_id: str) -> AuditRow:
     return AuditRow(
         image_id=inp.image_id,
@@ -251,7 +249,6 @@ def _finish_costs(rows, counter, seconds: float, slots) -> None:
     for row in rows:
         if row.seconds is None:
             row.unet_forwards, row.unet_backwards, row.seconds = 0, 0, 0.0
-
 
 
 class _MeasureChain:

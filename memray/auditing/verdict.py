@@ -4,15 +4,18 @@ In order (docs/science.md, "verdict"):
 1. The model replicates the image from the empty prompt and N(0, I) noise in at least
    `uncond_rate_min` of its samples: memorized, the most severe kind (no prompt needed). It
    also voids the Wasserstein shift, which presumes a safe unconditional model.
-2. InvMM ran: replicated with KL <= invmm_kl_max is memorized, replicated only further from
-   N(0, I) is inconclusive, never replicated within the budget is not memorized unless the
-   Wasserstein shift says the inverted prompt moves the error far outside the safe model's.
+2. InvMM ran: replicated close enough to N(0, I) that plain noise under the found prompt must
+   replicate the image in at least `invmm_rate_min` of samples (the KL bound below) is memorized,
+   replicated only further away is inconclusive, never replicated within the budget is not
+   memorized unless the Wasserstein shift says the inverted prompt moves the error far outside
+   the safe model's.
 3. Without InvMM, the Wasserstein shift decides by Chebyshev's bound.
 """
 
 from __future__ import annotations
 
 from memray.catalog.schema import AuditRow
+from memray.measures.stats import standard_noise_rate_bound
 
 
 def decide(row: AuditRow, rule) -> tuple[str, str]:
@@ -26,12 +29,17 @@ def decide(row: AuditRow, rule) -> tuple[str, str]:
         )
     shift = row.wasserstein_shift_sd if not rate else None  # a model that replicates it unprompted is not safe
     if row.invmm_replicated is not None:
-        if row.invmm_replicated and row.invmm_kl is not None and row.invmm_kl <= rule.invmm_kl_max:
-            return "memorized", f"InvMM replicated at KL {row.invmm_kl:.4g} <= {rule.invmm_kl_max}"
-        if row.invmm_replicated and row.invmm_kl is None:
+        if row.invmm_replicated and row.invmm_kl_nats is None:
             return "inconclusive", "InvMM replicated but its KL is not finite"
         if row.invmm_replicated:
-            return "inconclusive", f"InvMM replicated only at KL {row.invmm_kl:.4g} > {rule.invmm_kl_max}"
+            # every check sample replicated: q(A) ~ 1 under the found noise distribution
+            bound = standard_noise_rate_bound(row.invmm_kl_nats)
+            relation = ">=" if bound >= rule.invmm_rate_min else "<"
+            text = (
+                f"InvMM replicated at KL {row.invmm_kl_nats:.3g} nats: N(0, I) noise under its prompt "
+                f"replicates in >= {bound:.3g} of samples, {relation} {rule.invmm_rate_min:g}"
+            )
+            return ("memorized" if relation == ">=" else "inconclusive"), text
         if shift is not None and shift >= rule.shift_sd_memorized:
             return (
                 "inconclusive",

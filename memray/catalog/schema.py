@@ -38,7 +38,8 @@ class AuditRow:
     audited_at: str | None = None
     schema_version: int = SCHEMA_VERSION
     # M5 InvMM
-    invmm_kl: float | None = None  # null when never replicated (censored)
+    invmm_kl: float | None = None  # mean KL per latent entry at success; null when never replicated (censored)
+    invmm_kl_nats: float | None = None  # the same KL summed over the latent: what the verdict's bound uses
     invmm_replicated: bool | None = None
     invmm_steps: int | None = None
     invmm_similarity: float | None = None

@@ -72,8 +72,6 @@ _GLOB_CHARS = "*?["
 _TAR_IMAGE_EXTS = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
 
 
-
-
 @dataclass(frozen=True)
 class Unit:
     """One unit of reading work: an image file, a tar shard, an image parquet or a manifest.

@@ -209,7 +209,9 @@ def _check_resources(ray, options: PipelineOptions, gpus: float) -> None:
     most_cpus = max((node.get("CPU", 0) for node in nodes), default=0)
     most_gpus = max((node.get("GPU", 0) for node in nodes), default=0)
     if options.cpus_per_actor > most_cpus:
-        raise PipelineError(f"--cpus-per-actor {options.cpus_per_actor}: no node of the cluster has more than {most_cpus:g} CPUs")
+        raise PipelineError(
+            f"--cpus-per-actor {options.cpus_per_actor}: no node of the cluster has more than {most_cpus:g} CPUs"
+        )
     if gpus > most_gpus:
         raise PipelineError(f"{gpus:g} GPUs per actor: no node of the cluster has more than {most_gpus:g} GPUs")
 

@@ -63,10 +63,11 @@ class InvMMConfig:
 
 @dataclass
 class InvMMResult:
-    """Per image (B,) arrays; kl is nan where censored (never replicated)."""
+    """Per image (B,) arrays; kl (mean per entry) and kl_nats (summed) are nan where censored."""
 
     replicated: np.ndarray
     kl: np.ndarray
+    kl_nats: np.ndarray
     steps: np.ndarray
     similarity: np.ndarray
     guidance: np.ndarray
@@ -150,6 +151,7 @@ def invmm(
     out = dict(
         replicated=torch.zeros(batch, dtype=torch.bool),
         kl=torch.full((batch,), torch.nan),
+        kl_nats=torch.full((batch,), torch.nan),
         steps=torch.zeros(batch, dtype=torch.long),
         similarity=torch.full((batch,), torch.nan),
         guidance=torch.full((batch,), torch.nan),
@@ -157,14 +159,9 @@ def invmm(
     )
     condition = None if prompt is None else torch.zeros(batch, *model.empty_condition(1).shape[1:], device=device)
 
-    def check(rows):
-        """The success check of the active rows; hits leave the batch with their KL."""
-        gens = [generators[i] for i in rows.tolist()]
-        sigma = (0.5 * log_var[rows]).exp().unsqueeze(1)
-        noises = mu[rows].unsqueeze(1) + sigma * rng.randn_per_image(gens, (config.check_noises, *z0.shape[1:]))
-        with torch.no_grad():
-            cond = prompt.expected_condition(rows) if prompt is not None else None
-        result = replication_check(
+    def replicates(rows, noises, cond):
+        """Do these rows' noises (b, K, ...) under `cond` replicate their targets? (replication_check)"""
+        return replication_check(
             model,
             z0[rows],
             noises,
@@ -176,6 +173,15 @@ def invmm(
             num_steps=config.sampling_steps,
             aligned=config.aligned_start,
         )
+
+    def check(rows):
+        """The success check of the active rows; hits leave the batch with their KL."""
+        gens = [generators[i] for i in rows.tolist()]
+        sigma = (0.5 * log_var[rows]).exp().unsqueeze(1)
+        noises = mu[rows].unsqueeze(1) + sigma * rng.randn_per_image(gens, (config.check_noises, *z0.shape[1:]))
+        with torch.no_grad():
+            cond = prompt.expected_condition(rows) if prompt is not None else None
+        result = replicates(rows, noises, cond)
         out["similarity"][rows.cpu()] = result.similarity
         out["guidance"][rows.cpu()] = result.guidance
         if prompt is not None:
@@ -185,24 +191,13 @@ def invmm(
             return
         out["replicated"][hit.cpu()] = True
         out["kl"][hit.cpu()] = kl_to_standard_normal(mu[hit], log_var[hit]).cpu()
+        out["kl_nats"][hit.cpu()] = kl_to_standard_normal(mu[hit], log_var[hit], reduce="sum").cpu()
         active[hit] = False
         if prompt is not None:  # the second kind of evidence: a prompt a person can type
             hits = result.replicated.to(device).nonzero().flatten()
             with torch.no_grad():
                 readable_cond, _ = prompt.readable(hit)
-            readable = replication_check(
-                model,
-                z0[hit],
-                noises[hits],
-                readable_cond,
-                config.guidance_scales,
-                similarity,
-                targets[hit],
-                owner[hit],
-                num_steps=config.sampling_steps,
-                aligned=config.aligned_start,
-            )
-            out["prompt_replicated"][hit.cpu()] = readable.replicated
+            out["prompt_replicated"][hit.cpu()] = replicates(hit, noises[hits], readable_cond).replicated
 
     if config.check_at_start:
         check(active.nonzero().flatten())
@@ -258,6 +253,7 @@ def invmm(
     return InvMMResult(
         replicated=replicated,
         kl=out["kl"].numpy(),
+        kl_nats=out["kl_nats"].numpy(),
         steps=out["steps"].numpy(),
         similarity=out["similarity"].numpy(),
         guidance=out["guidance"].numpy(),

@@ -1,6 +1,6 @@
 """Network output -> (eps_hat, z0_hat) for each diffusers `prediction_type`.
 
-With z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps (SCIENCE.md, notation):
+With z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps (docs/science.md, notation):
   epsilon:      z0_hat = (z_t - sqrt(1-abar_t) eps_hat) / sqrt(abar_t)
   v_prediction: z0_hat = sqrt(abar_t) z_t - sqrt(1-abar_t) v_hat,  eps_hat = sqrt(1-abar_t) z_t + sqrt(abar_t) v_hat
   sample:       z0_hat = output,  eps_hat = (z_t - sqrt(abar_t) z0_hat) / sqrt(1-abar_t)

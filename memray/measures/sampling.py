@@ -1,6 +1,6 @@
 """DDIM generation (eta = 0) with classifier-free guidance, from the aligned start.
 
-Aligned start (SCIENCE.md M1): z_T = sqrt(abar_T) z0 + sqrt(1 - abar_T) eps rather than eps
+Aligned start (docs/science.md, departures): z_T = sqrt(abar_T) z0 + sqrt(1 - abar_T) eps rather than eps
 itself; at SD's terminal SNR (about 0.0047) the small z0 term changes the generated image.
 """
 

@@ -46,8 +46,6 @@ LAYOUT_HINT = (
 )
 
 
-
-
 def resolve_checkpoint(ref: str, *, cache_dir: str | Path | None = None) -> Path:
     """Return a local diffusers pipeline directory for a local path, fsspec URL, Hub repo id, or
     `demo` (the shipped demo model, unless a folder of that name is here)."""

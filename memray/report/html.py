@@ -76,7 +76,6 @@ def _e(value) -> _Html:
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
-
 def _when(iso: str | None) -> str | None:
     """An ISO timestamp of the catalog (UTC) without its T and offset, for tables."""
     return iso.replace("T", " ").removesuffix("+00:00") if iso else iso
@@ -229,7 +228,11 @@ def _memorized(data: ReportData) -> _Html:
         rate = r["uncond_replication_rate"]
         cells = [rank, r["image_id"], r["caption"], _verdict(r["verdict"]), None if rate is None else f"{rate:.1%}"]
         cells += ["censored" if censored else r["invmm_kl"]]
-        cells += [f"{format_number(similarity)} / {format_number(bar)} ({r['similarity_kind']})" if similarity is not None else None]
+        cells += [
+            f"{format_number(similarity)} / {format_number(bar)} ({r['similarity_kind']})"
+            if similarity is not None
+            else None
+        ]
         prompt = r["invmm_prompt"]
         if prompt is not None and r["invmm_prompt_replicated"] is not None:
             prompt += " (replicates)" if r["invmm_prompt_replicated"] else " (does not replicate alone)"
