@@ -172,6 +172,8 @@ def validate(config: AuditConfig) -> None:
     problems = [
         f"{name}: must be a finite number, got {value}" for name, value in _numbers(config) if not math.isfinite(value)
     ]
+    if problems:  # the range checks below would only restate these
+        raise ConfigError("invalid audit configuration:\n  " + "\n  ".join(problems))
     if not config.measures:
         problems.append(f"measures: at least one measure is needed; known: {list(MEASURES)}")
     if config.seed < 0:

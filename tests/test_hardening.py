@@ -98,7 +98,7 @@ def test_the_same_key_in_three_shards_and_one_id_twice_in_a_manifest_are_all_aud
     "flags",
     [
         ["--set", "invmm.guidance_scales=[nan]"],
-        ["--set", "verdict.invmm_kl_max=nan"],
+        ["--set", "verdict.invmm_rate_min=nan"],
         ["--set", "similarity.threshold=nan"],
         ["--set", "verdict.shift_sd_memorized=-inf"],
         ["--set", "seed=-1"],
