@@ -16,6 +16,7 @@ import os
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -253,7 +254,8 @@ def run_audit(
         if not options.verbose:  # Ray's own progress bars and plans: memray prints its own progress
             context = ray.data.DataContext.get_current()
             context.enable_progress_bars = context.print_on_execution_start = False
-            logging.getLogger("ray").setLevel(logging.ERROR)
+            for name in ("ray", "ray.data"):  # ray.data's logger does not propagate to ray's
+                logging.getLogger(name).setLevel(logging.ERROR)
         gpus = options.gpus_per_actor
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
@@ -268,17 +270,20 @@ def run_audit(
         # One block per batch: rows stream out as each batch finishes (not when a whole shard has),
         # and a batch that fails past its retries loses only itself.
         dataset = dataset.repartition(target_num_rows_per_block=options.batch_size)
-        dataset = dataset.map_batches(
-            Auditor,
-            fn_constructor_args=(model_ref, config.to_json(), run_id, options, journal),
-            batch_size=options.batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=options.actors),
-            num_gpus=gpus,
-            num_cpus=options.cpus_per_actor,
-            max_restarts=options.max_restarts,
-            max_task_retries=options.max_task_retries,
-        )
+        with warnings.catch_warnings():
+            # max_restarts and max_task_retries have no named parameter yet: Ray warns about them
+            warnings.simplefilter("default" if options.verbose else "ignore", DeprecationWarning)
+            dataset = dataset.map_batches(
+                Auditor,
+                fn_constructor_args=(model_ref, config.to_json(), run_id, options, journal),
+                batch_size=options.batch_size,
+                batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(size=options.actors),
+                num_gpus=gpus,
+                num_cpus=options.cpus_per_actor,
+                max_restarts=options.max_restarts,
+                max_task_retries=options.max_task_retries,
+            )
         writer = CatalogWriter(catalog_url, target_rows=options.rows_per_file, max_seconds=options.flush_seconds)
         progress = ProgressLog(total)
         written: set[tuple[str, str | None]] = set()
