@@ -192,7 +192,10 @@ def test_unprompted_replication_decides_first_and_voids_the_m4_shift():
     assert decide(low, rule)[0] == "not_memorized"
     assert decide(_row(uncond_replication_rate=0.0, wasserstein_shift_sd=50.0), rule)[0] == "memorized"
     assert decide(_row(uncond_replication_rate=0.01, wasserstein_shift_sd=50.0), rule)[0] == "inconclusive"
-    assert decide(_row(uncond_replication_rate=0.0, invmm_replicated=True, invmm_kl=0.0), rule)[0] == "memorized"
+    assert (
+        decide(_row(uncond_replication_rate=0.0, invmm_replicated=True, invmm_kl=0.0, invmm_kl_nats=0.0), rule)[0]
+        == "memorized"
+    )
 
 
 @pytest.mark.parametrize(
