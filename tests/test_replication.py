@@ -50,6 +50,14 @@ def unstaged_similarities(model, z0, noises, cond, scales, similarity):
     return out
 
 
+def check(model, z0, noises, cond, scales, similarity):
+    """replication_check with the similarity's threshold as every image's bar."""
+    targets = threshold_targets(model, similarity, z0)
+    return replication_check(
+        model, z0, noises, cond, scales, similarity, targets, torch.arange(len(z0)), num_steps=STEPS
+    )
+
+
 def reference_decision(sims, scales, threshold):
     """Replicated iff at some scale the MINIMUM over K reaches the threshold; plus what decided it."""
     minimum = sims.amin(2)  # (B, S)
@@ -92,17 +100,7 @@ def test_staged_check_decides_like_the_unstaged_reference(sd_case):
     for threshold in thresholds:
         similarity.threshold = threshold
         model.counter.reset(B)
-        result = replication_check(
-            model,
-            z0,
-            noises,
-            cond,
-            SCALES,
-            similarity,
-            threshold_targets(model, similarity, z0),
-            torch.arange(B),
-            num_steps=STEPS,
-        )
+        result = check(model, z0, noises, cond, SCALES, similarity)
         replicated, best_sim, best_scale = reference_decision(sims, SCALES, threshold)
         first_pass = sims[:, :, 0] >= threshold
         assert first_pass.any() and not first_pass.all()  # some scales pass stage 1, some fail
@@ -126,17 +124,7 @@ def test_unconditional_model_checks_only_guidance_one(tiny_ddpm):
     for threshold in [float(sims.min()) - 1e-2, float(sims.max()) + 1e-2] + thresholds_between(sims):
         similarity.threshold = threshold
         model.counter.reset(B)
-        result = replication_check(
-            model,
-            z0,
-            noises,
-            None,
-            SCALES,
-            similarity,
-            threshold_targets(model, similarity, z0),
-            torch.arange(B),
-            num_steps=STEPS,
-        )
+        result = check(model, z0, noises, None, SCALES, similarity)
         replicated, best_sim, best_scale = reference_decision(sims, [1.0], threshold)
         assert result.replicated.tolist() == replicated.tolist()
         torch.testing.assert_close(result.similarity, best_sim, rtol=1e-4, atol=1e-4)
@@ -148,17 +136,7 @@ def test_a_failing_check_costs_one_noise_per_scale(sd_case, scales):
     model, z0, noises, cond = sd_case
     similarity = LatentL2Similarity(threshold=2.0)  # latent L2 similarity is at most 1: nothing passes
     model.counter.reset(B)
-    result = replication_check(
-        model,
-        z0,
-        noises,
-        cond,
-        scales,
-        similarity,
-        threshold_targets(model, similarity, z0),
-        torch.arange(B),
-        num_steps=STEPS,
-    )
+    result = check(model, z0, noises, cond, scales, similarity)
     assert not result.replicated.any()
     per_image = sum(STEPS * (1 if s == 1 else 2) for s in scales)
     assert model.counter.forwards.tolist() == [per_image] * B
@@ -170,17 +148,7 @@ def test_a_passing_check_costs_all_noises_at_every_scale(sd_case):
     model, z0, noises, cond = sd_case
     similarity = LatentL2Similarity(threshold=-np.inf)
     model.counter.reset(B)
-    result = replication_check(
-        model,
-        z0,
-        noises,
-        cond,
-        SCALES,
-        similarity,
-        threshold_targets(model, similarity, z0),
-        torch.arange(B),
-        num_steps=STEPS,
-    )
+    result = check(model, z0, noises, cond, SCALES, similarity)
     assert result.replicated.all()
     per_image = K * sum(STEPS * (1 if s == 1 else 2) for s in SCALES)
     assert model.counter.forwards.tolist() == [per_image] * B
