@@ -186,7 +186,7 @@ def validate(config: AuditConfig) -> None:
     for name in config.measures:
         missing = [need for need in REGISTRY[name].needs if need not in config.measures] if name in REGISTRY else []
         if missing:
-            problems.append(f"measures: {name!r} needs {missing} (it uses what they find)")
+            problems.append(f"measures: {name!r} needs {', '.join(map(repr, missing))} (it uses what it finds)")
     positive = {
         "z0_error.timesteps": config.z0_error.timesteps,
         "z0_error.noises": config.z0_error.noises,
