@@ -32,7 +32,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """A real `ray start --head --block` on loopback with token auth, and its dashboard address.
+    """A real `ray start --head --block` on loopback with token auth: (env, dashboard address, GCS address).
 
     Stopped by ending its process group, not `ray stop`, which would stop every Ray on the machine.
     """
@@ -50,7 +50,7 @@ def ray_head(tmp_path_factory):
     while subprocess.run(["ray", "job", "list", "--address", address], env=env, capture_output=True).returncode:
         assert head.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
         time.sleep(1)
-    yield env, address
+    yield env, address, f"127.0.0.1:{port}"
     _stop(head)
 
 
@@ -66,7 +66,7 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 def test_ray_job_submit_runs_the_audit_job(ray_head, tiny_sd_dir, tmp_path):
-    env, address = ray_head
+    env, address, _ = ray_head
     folder = tmp_path / "images"
     folder.mkdir()
     for i in range(3):
@@ -120,9 +120,11 @@ def _markers(catalog: Path) -> dict[str, int]:
     return found
 
 
-def _kill_auditor(job: subprocess.Popen) -> bool:
-    """SIGKILL the auditor actor process of this job's own local Ray; True if one was found."""
-    for process in psutil.Process(job.pid).children(recursive=True):
+def _kill_auditor(job: subprocess.Popen | None) -> bool:
+    """SIGKILL the auditor actor of this job's own local Ray (None: of the one job on a shared
+    cluster); True if one was found."""
+    processes = psutil.Process(job.pid).children(recursive=True) if job else psutil.process_iter()
+    for process in processes:
         with contextlib.suppress(psutil.NoSuchProcess):
             if "Auditor" in " ".join(process.cmdline()):
                 process.kill()
@@ -163,9 +165,10 @@ def test_an_image_that_kills_its_worker_becomes_an_error_row_after_bounded_retri
     assert _markers(catalog) == {}
 
 
-def test_random_kills_of_the_actor_and_the_driver_never_lose_or_duplicate_a_row(tiny_sd_dir, tmp_path):
+def test_random_kills_of_the_actor_and_the_driver_never_lose_or_duplicate_a_row(ray_head, tiny_sd_dir, tmp_path):
     """10 trials: kill the auditor actor or the whole driver at a random moment, then rerun: every
-    image has exactly one row after the rerun, whatever the kill hit."""
+    image has exactly one row after the rerun, whatever the kill hit. The drivers join one running
+    cluster, as jobs on a real one do (and no trial pays for starting Ray)."""
     import random
 
     folder = tmp_path / "shards"
@@ -173,13 +176,17 @@ def test_random_kills_of_the_actor_and_the_driver_never_lose_or_duplicate_a_row(
     for shard in range(2):
         write_shard(folder / f"{shard:05d}.tar", {f"k{i}": png_bytes(300 + 4 * shard + i) for i in range(4)}, {})
     expected = sorted(f"{shard:05d}.tar/k{i}" for shard in range(2) for i in range(4))
+    env, _, gcs = ray_head
+    job_env = {**env, "RAY_ADDRESS": gcs}
     draw = random.Random(20261130)
     outcomes = []
     for trial in range(10):
         catalog = tmp_path / f"catalog-{trial}"
         command = _audit_job(folder, tiny_sd_dir, catalog, "--batch-size", "1", "--rows-per-file", "1")
         target, delay = draw.choice(["actor", "driver"]), draw.uniform(2.0, 12.0)
-        job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        job = subprocess.Popen(
+            command, env=job_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         try:
             deadline = time.monotonic() + delay
             killed = False
@@ -189,13 +196,13 @@ def test_random_kills_of_the_actor_and_the_driver_never_lose_or_duplicate_a_row(
                         os.killpg(job.pid, signal.SIGKILL)
                         killed = True
                     else:
-                        killed = _kill_auditor(job)  # no actor yet: try again in a moment
+                        killed = _kill_auditor(None)  # no actor yet: try again in a moment
                 time.sleep(0.05)
             job.wait(timeout=600)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(job.pid, signal.SIGKILL)
-        rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        rerun = subprocess.run(command, env=job_env, capture_output=True, text=True, timeout=600)
         assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
         found = rows_by_id(str(catalog))
         outcomes.append((target, round(delay, 1), killed, sum(len(v) for v in found.values())))
