@@ -84,7 +84,7 @@ DEMO_SIZES = SDSizes(
 )
 SCHEDULE = sd_schedule()  # SD 1.x: scaled-linear betas, epsilon prediction
 TRUTH_SCALES = (1.0, 3.0, 5.0, 7.0)  # guidance scales of the caption replication rate
-TRUTH_STEPS = 50  # DDIM steps of every ground-truth sample
+TRUTH_STEPS = 50  # DDIM steps of every ground-truth sample (--truth-steps)
 
 
 @dataclass
@@ -138,6 +138,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vae-images", type=int, default=20000, help="distinct normal images the VAE trains on")
     parser.add_argument("--resolution", type=int, default=32, help="image side; latents are a quarter of it")
     parser.add_argument("--truth-noises", type=int, default=16, help="noises per demo image under its caption")
+    parser.add_argument("--truth-steps", type=int, default=TRUTH_STEPS, help="DDIM steps of every ground-truth sample")
     parser.add_argument(
         "--uncond-samples", type=int, default=256, help="empty-prompt samples for the unconditional rate"
     )
@@ -156,7 +157,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.levels, args.planted_per_level, args.uncond_copies = [4, 16], 2, 16
         args.steps, args.batch_size, args.vae_steps, args.vae_images = 40, 16, 20, 64
         args.heldout, args.hard_per_kind, args.demo_normal = 2, 1, 4
-        args.truth_noises, args.uncond_samples = 2, 8
+        args.truth_noises, args.uncond_samples, args.truth_steps = 2, 8, 10
     return args
 
 
@@ -428,7 +429,7 @@ def ground_truth(model_dir: Path, items: list[Item], args) -> dict[str, dict]:
 
     A sample replicates the image when memray's tiled L2 to the image's VAE reconstruction clears
     memray's default replication bar (memray.measures.similarity: the threshold and both nulls,
-    the model null from the same empty-prompt samples), DDIM 50 steps.
+    the model null from the same empty-prompt samples), DDIM `truth_steps` steps (50).
     """
     from memray.config import SimilarityConfig
     from memray.measures import rng
@@ -441,7 +442,7 @@ def ground_truth(model_dir: Path, items: list[Item], args) -> dict[str, dict]:
     z0 = model.encode_images(to_model_pixels(render(items, args.resolution)).to(model.device))
     (bank_gen,) = rng.image_generators(["truth-uncond"], args.seed, "truth", model.device)
     with model.counter.scope(1):
-        bank = null_bank(model, similarity, args.uncond_samples, TRUTH_STEPS, bank_gen)
+        bank = null_bank(model, similarity, args.uncond_samples, args.truth_steps, bank_gen)
     targets = replication_targets(model, similarity, z0, bank, defaults.null_quantile, defaults.null_gain)
     uncond = targets.bank_replicas
 
@@ -455,7 +456,7 @@ def ground_truth(model_dir: Path, items: list[Item], args) -> dict[str, dict]:
         guidance = scales.repeat_interleave(k)
         owner = torch.zeros(len(z_T), dtype=torch.long, device=model.device)
         with model.counter.scope(1):
-            samples = ddim_generate(model, z_T, cond[i].expand(len(z_T), -1, -1), guidance, owner, TRUTH_STEPS)
+            samples = ddim_generate(model, z_T, cond[i].expand(len(z_T), -1, -1), guidance, owner, args.truth_steps)
         sims = similarity.compare(similarity.features(model, samples), targets.features[i].expand(len(z_T), -1, -1, -1))
         caption_rate[i] = (sims >= targets.threshold[i]).reshape(len(scales), k).float().mean(1).max()
     return {
@@ -562,7 +563,7 @@ def recheck(args) -> dict:
     """Measure the ground truth of a trained --out again (its plan rebuilt from its log) and rewrite manifest and log."""
     out = Path(args.out)
     log = json.loads((out / "train_log.json").read_text())
-    trained_with = argparse.Namespace(**{**log["args"], "device": args.device})
+    trained_with = argparse.Namespace(**{"truth_steps": TRUTH_STEPS, **log["args"], "device": args.device})
     trained, never_trained = build_plan(trained_with)
     demo = demo_set(trained, never_trained, trained_with.demo_normal)
     truth = ground_truth(out / "model", demo, trained_with)
