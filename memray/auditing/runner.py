@@ -93,12 +93,16 @@ def audit_batch(
     pixels, slots = [], []
     for i, inp in enumerate(inputs):
         try:
+            data = inp.data
+            if data is not None:  # an error row names the bytes it is about too: resume and the ledger key on them
+                audits[i].row.image_sha256 = sha256_hex(data)
             if inp.error:
                 raise ImageDecodeError(inp.error)
-            if inp.data is None and not inp.uri:
-                raise ImageDecodeError("no image: the input has neither bytes nor a uri")
-            data = inp.data if inp.data is not None else read_bytes(inp.uri)
-            audits[i].row.image_sha256 = sha256_hex(data)
+            if data is None:
+                if not inp.uri:
+                    raise ImageDecodeError("no image: the input has neither bytes nor a uri")
+                data = read_bytes(inp.uri)
+                audits[i].row.image_sha256 = sha256_hex(data)
             image = decode_image(data, max_pixels=config.images.max_pixels)
             audits[i].row.width, audits[i].row.height = image.size
             pixels.append(to_model_tensor(image, model.resolution, allow_upscale=config.images.allow_upscale))
