@@ -23,6 +23,7 @@ caption's token; a check at step 0 measures N(0, I) itself; the check is staged
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -59,6 +60,11 @@ class InvMMConfig:
     prompt_init_weight: float = 0.9  # share of each slot's expected token mix on the caption's token at the start
     prompt_lr: float | None = None  # Adam lr of the token logits; None: lr
     aligned_start: bool = False  # check from z_T = forward(z0, eps) instead of eps (mixes the target into the start)
+    early_stop: bool = False  # stop an image whose checks stay far under its bar (out_of_reach)
+    stop_after: int = 100  # the early stop waits this many steps of an image's own
+    stop_gap: float = 0.1  # ... and stops when its best check similarity stays this far under the bar
+    gate_steps: int = 0  # > 0: a DDIM of this many steps on the first noise gates the full check
+    gate_margin: float = 0.1  # the full check runs where the gate's similarity is within this of the bar
 
 
 @dataclass
@@ -80,6 +86,13 @@ class InvMMResult:
     mu: torch.Tensor  # (B, ...) the noise distribution at success (or at the end)
     log_var: torch.Tensor
     condition: torch.Tensor | None  # (B, L, D) the expected token mix's conditioning at success (or at the end)
+    stop_reason: list[str]  # "replicated", "budget", "early_stop" or "nonfinite"
+    busy: float  # share of the slots that held an image, over the optimisation steps (continuous batching)
+    trace: list[np.ndarray]  # per image, one row per check: TRACE_COLUMNS
+
+
+# What InvMMResult.trace records at each check of an image.
+TRACE_COLUMNS = ("step", "kl_nats", "similarity", "gate_similarity")
 
 
 def caption_start_logits(start_ids: torch.Tensor, vocab_size: int, weight: float, temperature: float) -> torch.Tensor:
@@ -95,17 +108,20 @@ def caption_start_logits(start_ids: torch.Tensor, vocab_size: int, weight: float
 
 
 class _PromptDistribution:
-    """Token logits per image and the conditioning they induce (absent for unconditional models)."""
+    """Token logits per slot and the conditioning they induce (absent for unconditional models)."""
 
-    def __init__(self, model, config: InvMMConfig, start_ids: torch.Tensor):
+    def __init__(self, model, config: InvMMConfig, slots: int, free_tokens: int, device):
         self.model, self.config = model, config
         self.vocab = model.vocabulary_embeddings.detach().float()
-        self.logits = caption_start_logits(
-            start_ids, self.vocab.shape[0], config.prompt_init_weight, config.temperature
-        )
+        self.logits = torch.zeros(slots, free_tokens, self.vocab.shape[0], device=device)
         self.opt = RowAdam(self.logits)
-        self.from_caption = (start_ids >= 0).any(-1).tolist()
         self.lr = config.prompt_lr if config.prompt_lr is not None else config.lr
+
+    def start(self, rows, start_ids):
+        """Hand `rows` to new images whose prompts start at `start_ids` (-1 rows: zero logits)."""
+        weight, tau = self.config.prompt_init_weight, self.config.temperature
+        self.logits[rows] = caption_start_logits(start_ids, self.vocab.shape[0], weight, tau)
+        self.opt.reset(rows)
 
     def sampled_condition(self, logits, gens, samples):
         """Gumbel-softmax token mixes, `samples` per image: conditioning (b * samples, L, D)."""
@@ -125,87 +141,202 @@ class _PromptDistribution:
         return self.model.encode_ids(self.model.prompt_ids(ids)), self.model.decode_tokens(ids)
 
 
-def invmm(
-    model, z0, generators, owner, config: InvMMConfig, similarity, targets, *, start_ids=None, progress=None
-) -> InvMMResult:
-    """Run InvMM on B images in shared UNet calls; finished images stop costing evaluations.
+def out_of_reach(trace: np.ndarray, bar: float, config: InvMMConfig) -> bool:
+    """The early stop: from `stop_after` steps on, the best check similarity so far is `stop_gap` under the bar.
 
+    `trace` holds the image's checks so far (TRACE_COLUMNS). Calibrated against full-budget runs
+    (docs/science.md, "early stop"); a stopped image is censored, like one that ran out of budget.
+    """
+    steps, similarity = trace[:, 0], trace[:, 2]
+    if steps[-1] < config.stop_after:
+        return False
+    return bool(np.nanmax(similarity, initial=-np.inf) < bar - config.stop_gap)
+
+
+class _Outputs:
+    """Per-image results, filled as each image leaves its slot."""
+
+    def __init__(self, batch: int, z0: torch.Tensor, condition_shape):
+        self.replicated = torch.zeros(batch, dtype=torch.bool)
+        self.kl = torch.full((batch,), torch.nan)
+        self.kl_nats = torch.full((batch,), torch.nan)
+        self.steps = torch.zeros(batch, dtype=torch.long)
+        self.similarity = torch.full((batch,), torch.nan)
+        self.guidance = torch.full((batch,), torch.nan)
+        self.prompt_replicated = torch.zeros(batch, dtype=torch.bool)
+        self.kl_weight = torch.full((batch,), torch.nan)
+        self.reconstruction = torch.full((batch,), torch.nan)
+        self.finite = torch.ones(batch, dtype=torch.bool)
+        self.mu = torch.zeros_like(z0, device="cpu")
+        self.log_var = torch.zeros_like(z0, device="cpu")
+        self.condition = None if condition_shape is None else torch.zeros(batch, *condition_shape)
+        self.prompts: list[str | None] = [None] * batch
+        self.stop_reason: list[str | None] = [None] * batch
+        self.trace: list[list] = [[] for _ in range(batch)]
+
+
+def invmm(
+    model,
+    z0,
+    generators,
+    owner,
+    config: InvMMConfig,
+    similarity,
+    targets,
+    *,
+    start_ids=None,
+    slots: int | None = None,
+    progress=None,
+) -> InvMMResult:
+    """Run InvMM on B images, at most `slots` at a time in shared UNet calls (None: all B).
+
+    Continuous batching: an image that finishes (replicated, stopped, out of budget, non-finite)
+    hands its slot to the next image, which starts at its own step 0 with its own optimizer
+    state and random stream; every result is the image's alone, whenever it joined.
     `targets` (similarity.Targets) holds each image's features and bar; `start_ids` (B, N) the
     caption's free-slot token ids where the prompt starts at a caption, -1 rows elsewhere.
     """
     batch, device, s = z0.shape[0], z0.device, config.samples_per_step
+    n_slots = min(slots or batch, batch)
     delta = config.kl_weight_delta if config.kl_weight_delta is not None else (1e-3 if model.family != "ddpm" else 1e-4)
-    mu, log_var = torch.zeros_like(z0), torch.zeros_like(z0)
+    bars = targets.threshold.cpu()
+    mu = torch.zeros(n_slots, *z0.shape[1:], device=device)
+    log_var = torch.zeros_like(mu)
     opt_mu, opt_lv = RowAdam(mu), RowAdam(log_var)
-    prompt = None
+    prompt, condition_shape = None, None
     if model.is_conditional:
-        slots = min(config.free_tokens or model.num_free_slots, model.num_free_slots)
+        free = min(config.free_tokens or model.num_free_slots, model.num_free_slots)
         if start_ids is None or config.prompt_init == "zero":
-            start_ids = torch.full((batch, slots), -1, dtype=torch.long, device=device)
-        prompt = _PromptDistribution(model, config, start_ids[:, :slots].to(device))
-    weight = torch.full((batch,), config.kl_weight_init, device=device)
-    history = torch.full((batch, config.steps), torch.nan, device=device)
-    previous_check = torch.full((batch,), torch.inf, device=device)
-    active = torch.ones(batch, dtype=torch.bool, device=device)
-    finite = torch.ones(batch, dtype=torch.bool, device=device)
-    out = dict(
-        replicated=torch.zeros(batch, dtype=torch.bool),
-        kl=torch.full((batch,), torch.nan),
-        kl_nats=torch.full((batch,), torch.nan),
-        steps=torch.zeros(batch, dtype=torch.long),
-        similarity=torch.full((batch,), torch.nan),
-        guidance=torch.full((batch,), torch.nan),
-        prompt_replicated=torch.zeros(batch, dtype=torch.bool),
-    )
-    condition = None if prompt is None else torch.zeros(batch, *model.empty_condition(1).shape[1:], device=device)
+            start_ids = torch.full((batch, free), -1, dtype=torch.long)
+        start_ids = start_ids[:, :free].to(device)
+        prompt = _PromptDistribution(model, config, n_slots, free, device)
+        condition_shape = model.empty_condition(1).shape[1:]
+    weight = torch.zeros(n_slots, device=device)
+    history = torch.full((n_slots, config.steps), torch.nan, device=device)
+    previous_check = torch.full((n_slots,), torch.inf, device=device)
+    own_steps = torch.zeros(n_slots, dtype=torch.long, device=device)
+    image = torch.full((n_slots,), -1, dtype=torch.long, device=device)  # the image in each slot; -1: free
+    queue = iter(range(batch))
+    out = _Outputs(batch, z0, condition_shape)
+    budget_done, budget_total = 0, batch * config.steps
+    iterations, image_steps = 0, 0
 
-    def replicates(rows, noises, cond):
-        """Do these rows' noises (b, K, ...) under `cond` replicate their targets? (replication_check)"""
+    def replicates(images, noises, cond, num_steps):
+        """Do these images' noises (b, K, ...) under `cond` replicate their targets? (replication_check)"""
         return replication_check(
             model,
-            z0[rows],
+            z0[images],
             noises,
             cond,
             config.guidance_scales,
             similarity,
-            targets[rows],
-            owner[rows],
-            num_steps=config.sampling_steps,
+            targets[images],
+            owner[images],
+            num_steps=num_steps,
             aligned=config.aligned_start,
         )
 
-    def check(rows):
-        """The success check of the active rows; hits leave the batch with their KL."""
-        gens = [generators[i] for i in rows.tolist()]
+    def finish(rows, reason: str) -> None:
+        """The images in `rows` leave their slots with their results."""
+        nonlocal budget_done
+        if not len(rows):
+            return
+        images = image[rows].cpu()
+        out.steps[images] = own_steps[rows].cpu()
+        out.mu[images], out.log_var[images] = mu[rows].cpu(), log_var[rows].cpu()
+        out.kl_weight[images] = weight[rows].cpu()
+        out.reconstruction[images] = history[rows, (own_steps[rows] - 1).clamp_min(0)].cpu()
+        if prompt is not None:
+            with torch.no_grad():
+                texts = prompt.readable(rows)[1]
+        for k, i in enumerate(images.tolist()):
+            out.stop_reason[i] = reason
+            if prompt is not None:
+                out.prompts[i] = texts[k]
+        budget_done += int((config.steps - own_steps[rows]).sum())
+        image[rows] = -1
+
+    def check(rows) -> None:
+        """The success check of `rows`; hits leave with their KL, hopeless images with the early stop."""
+        images = image[rows]
+        gens = [generators[i] for i in images.tolist()]
         sigma = (0.5 * log_var[rows]).exp().unsqueeze(1)
         noises = mu[rows].unsqueeze(1) + sigma * rng.randn_per_image(gens, (config.check_noises, *z0.shape[1:]))
         with torch.no_grad():
             cond = prompt.expected_condition(rows) if prompt is not None else None
-        result = replicates(rows, noises, cond)
-        out["similarity"][rows.cpu()] = result.similarity
-        out["guidance"][rows.cpu()] = result.guidance
+        kl_nats = kl_to_standard_normal(mu[rows], log_var[rows], reduce="sum").cpu()
+        found = torch.zeros(len(rows), dtype=torch.bool)
+        seen = torch.full((len(rows),), torch.nan)
+        guidance = torch.full((len(rows),), torch.nan)
+        gate = torch.full((len(rows),), torch.nan)
+        full = torch.ones(len(rows), dtype=torch.bool)
+        if config.gate_steps:  # a few-step generation of the first noise: only plausible rows get the full check
+            quick = replicates(images, noises[:, :1], cond, config.gate_steps)
+            gate, guidance = quick.similarity, quick.guidance
+            full = gate >= bars[images.cpu()] - config.gate_margin
+        if full.any():
+            f = full.nonzero().flatten()
+            result = replicates(
+                images[f.to(device)], noises[f.to(device)], None if cond is None else cond[f], config.sampling_steps
+            )
+            found[f], seen[f], guidance[f] = result.replicated, result.similarity, result.guidance
+        cpu_images = images.cpu()
+        out.similarity[cpu_images] = torch.where(full, seen, gate)
+        out.guidance[cpu_images] = guidance
         if prompt is not None:
-            condition[rows] = cond
-        hit = rows[result.replicated.to(device)]
-        if not len(hit):
-            return
-        out["replicated"][hit.cpu()] = True
-        out["kl"][hit.cpu()] = kl_to_standard_normal(mu[hit], log_var[hit]).cpu()
-        out["kl_nats"][hit.cpu()] = kl_to_standard_normal(mu[hit], log_var[hit], reduce="sum").cpu()
-        active[hit] = False
-        if prompt is not None:  # the second kind of evidence: a prompt a person can type
-            hits = result.replicated.to(device).nonzero().flatten()
-            with torch.no_grad():
-                readable_cond, _ = prompt.readable(hit)
-            out["prompt_replicated"][hit.cpu()] = replicates(hit, noises[hits], readable_cond).replicated
+            out.condition[cpu_images] = cond.cpu()
+        for k, i in enumerate(cpu_images.tolist()):
+            out.trace[i].append((int(own_steps[rows[k]]), float(kl_nats[k]), float(seen[k]), float(gate[k])))
+        hits = found.nonzero().flatten()
+        if len(hits):
+            hit_images = cpu_images[hits]
+            out.replicated[hit_images] = True
+            out.kl_nats[hit_images] = kl_nats[hits]
+            out.kl[hit_images] = kl_to_standard_normal(mu[rows[hits]], log_var[rows[hits]]).cpu()
+            if prompt is not None:  # the second kind of evidence: a prompt a person can type
+                with torch.no_grad():
+                    readable_cond, _ = prompt.readable(rows[hits])
+                again = replicates(images[hits], noises[hits.to(device)], readable_cond, config.sampling_steps)
+                out.prompt_replicated[hit_images] = again.replicated
+            finish(rows[hits.to(device)], "replicated")
+        if config.early_stop:
+            hopeless = [
+                k
+                for k, i in enumerate(cpu_images.tolist())
+                if not found[k] and out_of_reach(np.array(out.trace[i]), float(bars[i]), config)
+            ]
+            finish(rows[torch.tensor(hopeless, dtype=torch.long, device=device)], "early_stop")
 
-    if config.check_at_start:
-        check(active.nonzero().flatten())
-    for step in range(config.steps):
-        rows = active.nonzero().flatten()
+    def fill() -> None:
+        """Hand free slots to the next images of the queue (and check each at its start)."""
+        while True:
+            free_slots = (image < 0).nonzero().flatten().tolist()
+            pairs = list(zip(free_slots, itertools.islice(queue, len(free_slots))))
+            if not pairs:
+                return
+            rows = torch.tensor([slot for slot, _ in pairs], device=device)
+            image[rows] = torch.tensor([i for _, i in pairs], device=device)
+            mu[rows], log_var[rows] = 0.0, 0.0
+            opt_mu.reset(rows)
+            opt_lv.reset(rows)
+            if prompt is not None:
+                prompt.start(rows, start_ids[image[rows]])
+            weight[rows] = config.kl_weight_init
+            history[rows] = torch.nan
+            previous_check[rows] = torch.inf
+            own_steps[rows] = 0
+            if not config.check_at_start:
+                return
+            check(rows)
+
+    while True:
+        fill()
+        rows = (image >= 0).nonzero().flatten()
         if not len(rows):
             break
-        gens = [generators[i] for i in rows.tolist()]
+        images = image[rows]
+        iterations, image_steps = iterations + 1, image_steps + len(rows)
+        gens = [generators[i] for i in images.tolist()]
         noise = rng.randn_per_image(gens, (s, *z0.shape[1:]))
         t = rng.randint_per_image(gens, model.num_train_timesteps, (s,)).flatten()
         p_mu, p_lv = mu[rows].requires_grad_(), log_var[rows].requires_grad_()
@@ -217,53 +348,65 @@ def invmm(
             params.append(p_logits)
             cond = prompt.sampled_condition(p_logits, gens, s)
         recon = sampled_z0_error(
-            model, z0[rows].repeat_interleave(s, 0), eps, t, cond, owner[rows].repeat_interleave(s)
+            model, z0[images].repeat_interleave(s, 0), eps, t, cond, owner[images].repeat_interleave(s)
         )
         recon = recon.reshape(len(rows), s).mean(1)
         kl = kl_to_standard_normal(p_mu, p_lv)
         (recon + weight[rows] * kl).sum().backward()
 
         ok = recon.detach().isfinite() & torch.stack([p.grad.flatten(1).isfinite().all(1) for p in params]).all(0)
-        finite[rows[~ok]] = False
-        active[rows[~ok]] = False
+        if not ok.all():
+            out.finite[images[~ok].cpu()] = False
+            finish(rows[~ok], "nonfinite")
         keep, rows = ok.nonzero().flatten(), rows[ok]
         opt_mu.step(rows, p_mu.grad[keep], config.lr)
         opt_lv.step(rows, p_lv.grad[keep], config.lr)
         if prompt is not None:
             prompt.opt.step(rows, p_logits.grad[keep], prompt.lr)
-        history[rows, step] = recon.detach()[keep]
-        out["steps"][rows.cpu()] = step + 1
-
+        history[rows, own_steps[rows]] = recon.detach()[keep]
+        own_steps[rows] += 1
+        budget_done += len(rows)
         if progress is not None:
-            progress("InvMM", step + 1, config.steps)
-        if (step + 1) % config.check_every:
-            weight[rows] += delta
-            continue
-        window = history[rows, max(0, step + 1 - config.loss_window) : step + 1].nanmean(1)
-        stalled = previous_check[rows] - window < config.improvement_tol
-        weight[rows] = torch.where(stalled, weight[rows] / 2, weight[rows] + delta)
-        previous_check[rows] = window
-        if len(rows):
-            check(rows)
+            progress("InvMM", budget_done, budget_total)
 
-    last = torch.arange(batch, device=device), (out["steps"].to(device) - 1).clamp_min(0)
-    texts = [None] * batch if prompt is None else prompt.readable(torch.arange(batch, device=device))[1]
-    init = [None] * batch if prompt is None else ["caption" if c else "zero" for c in prompt.from_caption]
-    replicated = out["replicated"].numpy()
+        due = own_steps[rows] % config.check_every == 0
+        weight[rows[~due]] += delta
+        checked = rows[due]
+        if len(checked):
+            window = _window_mean(history[checked], own_steps[checked], config.loss_window)
+            stalled = previous_check[checked] - window < config.improvement_tol
+            weight[checked] = torch.where(stalled, weight[checked] / 2, weight[checked] + delta)
+            previous_check[checked] = window
+            check(checked)
+        finish(((image >= 0) & (own_steps >= config.steps)).nonzero().flatten(), "budget")
+
+    replicated = out.replicated.numpy()
     return InvMMResult(
         replicated=replicated,
-        kl=out["kl"].numpy(),
-        kl_nats=out["kl_nats"].numpy(),
-        steps=out["steps"].numpy(),
-        similarity=out["similarity"].numpy(),
-        guidance=out["guidance"].numpy(),
-        prompts=texts,
-        prompt_replicated=out["prompt_replicated"].numpy(),
-        prompt_init=init,
-        kl_weight=weight.cpu().numpy(),
-        reconstruction=history[last].cpu().numpy(),
-        finite=finite.cpu().numpy(),
-        mu=mu.cpu(),
-        log_var=log_var.cpu(),
-        condition=None if condition is None else condition.cpu(),
+        kl=out.kl.numpy(),
+        kl_nats=out.kl_nats.numpy(),
+        steps=out.steps.numpy(),
+        similarity=out.similarity.numpy(),
+        guidance=out.guidance.numpy(),
+        prompts=out.prompts,
+        prompt_replicated=out.prompt_replicated.numpy(),
+        prompt_init=[None] * batch
+        if prompt is None
+        else ["caption" if c else "zero" for c in (start_ids >= 0).any(-1).tolist()],
+        kl_weight=out.kl_weight.numpy(),
+        reconstruction=out.reconstruction.numpy(),
+        finite=out.finite.numpy(),
+        mu=out.mu,
+        log_var=out.log_var,
+        condition=out.condition,
+        stop_reason=out.stop_reason,
+        busy=image_steps / (n_slots * iterations) if iterations else 1.0,
+        trace=[np.array(t, dtype=np.float64).reshape(-1, len(TRACE_COLUMNS)) for t in out.trace],
     )
+
+
+def _window_mean(history: torch.Tensor, own_steps: torch.Tensor, window: int) -> torch.Tensor:
+    """Each row's mean reconstruction loss over its last `window` steps (its own step count)."""
+    index = torch.arange(history.shape[1], device=history.device)
+    inside = (index >= (own_steps - window).unsqueeze(1)) & (index < own_steps.unsqueeze(1))
+    return torch.where(inside, history, torch.nan).nanmean(1)

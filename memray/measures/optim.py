@@ -29,6 +29,13 @@ class RowAdam:
         self.steps = torch.zeros(self.param.shape[0], dtype=torch.long, device=self.param.device)
 
     @torch.no_grad()
+    def reset(self, rows: torch.Tensor) -> None:
+        """Forget the moments and step counts of `rows` (a slot handed to a new image)."""
+        self.exp_avg[rows] = 0
+        self.exp_avg_sq[rows] = 0
+        self.steps[rows] = 0
+
+    @torch.no_grad()
     def step(self, rows: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor | float) -> None:
         """Update param[rows] with grad (same leading size as rows) and per-row or scalar lr."""
         beta1, beta2 = self.betas
