@@ -184,7 +184,15 @@ def print_rows(rows, stream=None, truth: dict[str, str] | None = None) -> None:
 def add_pipeline_args(parser: argparse.ArgumentParser) -> None:
     """How an audit is spread over Ray (none of it changes a result); shared with jobs/nightly.py."""
     parser.add_argument("--actors", type=int, default=1, help="auditor actors, each holding one model")
-    parser.add_argument("--batch-size", type=int, default=4, help="images per actor batch")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=4,
+        help="slots per actor: images optimised at once in shared UNet calls (size it by GPU memory, docs/throughput.md)",
+    )
+    parser.add_argument(
+        "--queue", type=int, default=4, help="each actor call brings batch-size x queue images, to keep its slots full"
+    )
     parser.add_argument("--gpus-per-actor", type=float, help="default: 1 where the cluster has GPUs, else 0")
     parser.add_argument("--cpus-per-actor", type=float, default=1.0)
     parser.add_argument("--retry-errors", action="store_true", help="audit again images whose row is an error")
@@ -206,6 +214,7 @@ def pipeline_options(args):
     return PipelineOptions(
         actors=args.actors,
         batch_size=args.batch_size,
+        queue=args.queue,
         gpus_per_actor=args.gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor,
         device=args.device,

@@ -42,9 +42,10 @@ class Batch:
     owner: torch.Tensor  # (B,) the slot each UNet evaluation is charged to
     rows: list  # the AuditRows, for measures whose work depends on earlier results (the hard prompt)
     progress: Callable | None = None
+    slots: int | None = None  # images optimised at once by an iterative measure (None: the whole batch)
     similarity: object = None  # the replication bar (set by the runner when a measure needs it)
     targets: object = None
-    handovers: dict = field(default_factory=dict)  # measure name -> what it hands to later measures
+    handovers: dict = field(default_factory=dict)  # measure name -> {slot: what it hands to later measures}
 
     def gens(self, stream: str, slots: list[int]) -> list[torch.Generator]:
         """One generator per image of `slots` for the named random stream (rng.image_generators)."""
@@ -87,6 +88,9 @@ class Measure:
     needs: tuple[str, ...] = ()  # measures that must run before it
     replication: bool = False  # compares generations with the target: needs the replication bar
     after_verdict: bool = False  # what it does depends on the verdict
+    # True: `run` keeps at most Batch.slots images in flight itself (continuous batching); False: the
+    # runner hands it the batch in chunks of Batch.slots images
+    slotted: bool = False
 
 
 def value(x) -> float | None:
@@ -110,6 +114,7 @@ def _invmm(batch: Batch, slots: list[int]) -> Filled:
         batch.similarity,
         batch.targets[idx],
         start_ids=batch.caption_start(slots, batch.config.invmm.prompt_init),
+        slots=batch.slots,
         progress=batch.progress,
     )
     replicated = [bool(r) for r in result.replicated]
@@ -126,8 +131,9 @@ def _invmm(batch: Batch, slots: list[int]) -> Filled:
         "invmm_prompt": list(result.prompts),
         "invmm_prompt_init": list(result.prompt_init),
         "invmm_prompt_replicated": readable,
+        "invmm_stop_reason": list(result.stop_reason),
     }
-    arrays = {"invmm_mu": list(result.mu), "invmm_log_var": list(result.log_var)}
+    arrays = {"invmm_mu": list(result.mu), "invmm_log_var": list(result.log_var), "invmm_trace": result.trace}
     if result.condition is not None:
         arrays["invmm_condition"] = list(result.condition)
     return Filled(slots, columns, list(result.finite), arrays)
@@ -294,8 +300,10 @@ REGISTRY: dict[str, Measure] = {
                 "invmm_prompt",
                 "invmm_prompt_init",
                 "invmm_prompt_replicated",
+                "invmm_stop_reason",
             ),
             replication=True,
+            slotted=True,
         ),
         Measure("z0_error", "the z0-prediction error", _z0_error, ("z0_error",)),
         Measure(

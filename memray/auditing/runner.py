@@ -48,6 +48,7 @@ class ImageAudit:
     invmm_mu: torch.Tensor | None = None
     invmm_log_var: torch.Tensor | None = None
     invmm_condition: torch.Tensor | None = None  # (L, D) the expected token mix InvMM's check used
+    invmm_trace: np.ndarray | None = None  # one row per InvMM check (invmm.TRACE_COLUMNS)
     z0: torch.Tensor | None = None
 
 
@@ -77,11 +78,19 @@ def _image_input(item) -> ImageInput:
 
 
 def audit_batch(
-    loaded, items, config: AuditConfig, *, run_id: str | None = None, progress=None, replicas: int = 4
+    loaded,
+    items,
+    config: AuditConfig,
+    *,
+    run_id: str | None = None,
+    progress=None,
+    replicas: int = 4,
+    slots: int | None = None,
 ) -> list[ImageAudit]:
     """Audit a batch of images (paths, URLs or ImageInput) against a loaded model.
 
-    Every image InvMM replicated also gets `replicas` samples from its inverted distribution,
+    The iterative measures keep at most `slots` images in flight (None: the whole batch); the
+    batch is their queue. Every image InvMM replicated also gets `replicas` samples from its inverted distribution,
     drawn next to its target in `replicas_png` (0: none); their UNet work joins the row's cost.
     """
     model = loaded.adapter
@@ -90,6 +99,7 @@ def audit_batch(
     started = time.perf_counter()
     inputs = [_image_input(item) for item in items]
     audits = [ImageAudit(row=_identity_row(inp, loaded, config, run_id)) for inp in inputs]
+    in_flight = slots
     pixels, slots = [], []
     for i, inp in enumerate(inputs):
         try:
@@ -112,7 +122,9 @@ def audit_batch(
     model_seconds = 0.0  # the model null, the first time this model and config are audited: no image's time
     with model.counter.scope(len(slots)) as tally:
         if slots:
-            chain = _MeasureChain(model, config, [inputs[i] for i in slots], [audits[i] for i in slots], progress)
+            chain = _MeasureChain(
+                model, config, [inputs[i] for i in slots], [audits[i] for i in slots], progress, slots=in_flight
+            )
             try:
                 bank_started = time.perf_counter()
                 bank = model_null_bank(loaded, config)
@@ -258,8 +270,9 @@ def _finish_costs(rows, counter, seconds: float, slots) -> None:
 class _MeasureChain:
     """Runs the configured measures (measures.REGISTRY) on the decoded images of one batch, image errors isolated."""
 
-    def __init__(self, model, config: AuditConfig, inputs, audits, progress):
+    def __init__(self, model, config: AuditConfig, inputs, audits, progress, *, slots: int | None = None):
         self.model, self.config, self.audits, self.progress = model, config, audits, progress
+        self.slots = slots
         self.inputs = inputs
         self.measures = [REGISTRY[name] for name in REGISTRY if name in supported_measures(config, model)]
         self.alive = list(range(len(inputs)))
@@ -290,14 +303,17 @@ class _MeasureChain:
             owner=torch.arange(len(self.inputs), device=model.device),
             rows=[a.row for a in self.audits],
             progress=self.progress,
+            slots=self.slots,
         )
         if any(m.replication for m in self.measures) and self.alive:
             self.set_replication_bar(batch, bank)
         for measure in self.measures:
             if measure.after_verdict:
                 self.decide()
-            if self.alive:
-                self.apply(measure, measure.run(batch, list(self.alive)), batch)
+            alive = list(self.alive)  # a chunk's failures leave the later chunks as they are
+            chunk = self.slots if self.slots and not measure.slotted else max(len(alive), 1)
+            for start in range(0, len(alive), chunk):
+                self.apply(measure, measure.run(batch, alive[start : start + chunk]), batch)
         if not any(m.after_verdict for m in self.measures):
             self.decide()
 
@@ -321,7 +337,7 @@ class _MeasureChain:
             for s, v in zip(filled.slots, values):
                 setattr(self.audits[s], name, v)
         if filled.handover is not None:
-            batch.handovers[measure.name] = filled.handover
+            batch.handovers.setdefault(measure.name, {}).update(filled.handover)
         if filled.finite is not None:
             self.drop_nonfinite(filled.slots, filled.finite, measure.label)
 

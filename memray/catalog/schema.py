@@ -1,9 +1,10 @@
-"""Catalog schema version 2: one row per (image, model fingerprint, audit config).
+"""Catalog schema version 3: one row per (image, model fingerprint, audit config).
 
 This file is the only place that names the columns; `AuditRow` is what the audit layer fills.
 Version 2 added the replication bar and its nulls, the readable-prompt evidence of InvMM, the
-unconditional replication rate and the relative M4 shift; version 1 files read with those
-columns NULL (`memray migrate` rewrites them).
+unconditional replication rate and the relative M4 shift; version 3 why InvMM stopped
+(`invmm_stop_reason`). Files of older versions read with the newer columns NULL (`memray migrate`
+rewrites them).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 VERDICTS = ("memorized", "not_memorized", "inconclusive")
 
 
@@ -47,6 +48,7 @@ class AuditRow:
     invmm_prompt: str | None = None  # the readable prompt: the argmax tokens of the prompt distribution
     invmm_prompt_init: str | None = None  # where the prompt distribution started: "caption" or "zero"
     invmm_prompt_replicated: bool | None = None  # did invmm_prompt replicate on the successful check's noises
+    invmm_stop_reason: str | None = None  # "replicated", "budget", "early_stop" (censored by the calibrated rule)
     replicas_png: bytes | None = None  # one PNG strip: the target, then replicas from the InvMM distribution
     # the replication bar (similarity.py): max(threshold, null_content + margin, null_model + margin)
     replication_threshold: float | None = None

@@ -16,7 +16,6 @@ import os
 import sys
 import time
 import uuid
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -41,17 +40,17 @@ class PipelineOptions:
     """How the audit is spread over the cluster; none of it changes a result."""
 
     actors: int = 1
-    batch_size: int = 4
+    batch_size: int = 4  # slots per actor: images its iterative measures optimise at once (sized by GPU memory)
+    queue: int = 4  # each actor call brings batch_size * queue images: freed slots take the next at once
     gpus_per_actor: float | None = None  # None: 1 where the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0
     device: str | None = None
     allow_pickle: bool = False
     retry_errors: bool = False  # audit again images whose last row is an error
     # An image whose worker died this often while auditing it becomes an error row (CrashJournal).
-    # Ray retries a failed batch max_task_retries times: one death with the batch, one alone.
+    # Ray Data restarts a dead actor and retries its call without limit: the journal is what ends
+    # the retries of a poison image (one death with its batch, one alone, then an error row).
     max_worker_deaths: int = 2
-    max_task_retries: int = 2
-    max_restarts: int = 32  # per actor: a pool must outlive a few bad images over a long job
     max_failed_batches: int = 64  # a batch that fails past its retries is skipped (and reported)
     rows_per_file: int = 2000
     flush_seconds: float = 60.0
@@ -61,7 +60,7 @@ class PipelineOptions:
     def __post_init__(self):
         problems = [
             f"{name} must be at least 1, got {getattr(self, name)}"
-            for name in ("actors", "batch_size", "rows_per_file", "max_worker_deaths")
+            for name in ("actors", "batch_size", "queue", "rows_per_file", "max_worker_deaths")
             if not getattr(self, name) >= 1
         ]
         if not self.cpus_per_actor > 0:
@@ -89,6 +88,7 @@ class Auditor:
         self.run_id = run_id
         self.journal = journal
         self.max_worker_deaths = options.max_worker_deaths
+        self.slots = options.batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         inputs = [ImageInput(**record) for record in batch.to_pylist()]
@@ -109,7 +109,7 @@ class Auditor:
                 )
             else:
                 self.journal.mark(_key(inp), deaths[_key(inp)])
-        audits = audit_batch(self.loaded, inputs, self.config, run_id=self.run_id)
+        audits = audit_batch(self.loaded, inputs, self.config, run_id=self.run_id, slots=self.slots)
         for inp in inputs:
             self.journal.unmark(_key(inp))
         return [a.row for a in audits]
@@ -267,23 +267,19 @@ def run_audit(
             [{"kind": u.kind, "uri": u.uri, "root": u.root, "allowed": list(u.allowed)} for u in units]
         )
         dataset = dataset.flat_map(functools.partial(_read_records, skip=frozenset(done), ledger=ledger))
-        # One block per batch: rows stream out as each batch finishes (not when a whole shard has),
-        # and a batch that fails past its retries loses only itself.
-        dataset = dataset.repartition(target_num_rows_per_block=options.batch_size)
-        with warnings.catch_warnings():
-            # max_restarts and max_task_retries have no named parameter yet: Ray warns about them
-            warnings.simplefilter("default" if options.verbose else "ignore", DeprecationWarning)
-            dataset = dataset.map_batches(
-                Auditor,
-                fn_constructor_args=(model_ref, config.to_json(), run_id, options, journal),
-                batch_size=options.batch_size,
-                batch_format="pyarrow",
-                compute=ray.data.ActorPoolStrategy(size=options.actors),
-                num_gpus=gpus,
-                num_cpus=options.cpus_per_actor,
-                max_restarts=options.max_restarts,
-                max_task_retries=options.max_task_retries,
-            )
+        # One block per actor call: rows stream out as each call finishes (not when a whole shard has),
+        # and a call that fails past its retries loses only itself.
+        call_size = options.batch_size * options.queue
+        dataset = dataset.repartition(target_num_rows_per_block=call_size)
+        dataset = dataset.map_batches(
+            Auditor,
+            fn_constructor_args=(model_ref, config.to_json(), run_id, options, journal),
+            batch_size=call_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=options.actors),
+            num_gpus=gpus,
+            num_cpus=options.cpus_per_actor,
+        )
         writer = CatalogWriter(catalog_url, target_rows=options.rows_per_file, max_seconds=options.flush_seconds)
         progress = ProgressLog(total)
         written: set[tuple[str, str | None]] = set()
