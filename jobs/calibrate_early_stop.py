@@ -1,0 +1,178 @@
+"""Calibrate InvMM's early stop and check gate against full-budget runs on a demo model.
+
+    python jobs/calibrate_early_stop.py collect --steps 400 --out traces.json    # full budget, every check traced
+    python jobs/calibrate_early_stop.py analyze traces.json                      # agreement and cost per rule
+
+`collect` audits the demo set (InvMM and the unconditional rate, caption known and prompt
+unknown) with the early stop off and the gate computed at every check but never skipping the full
+check, and keeps each image's check trace (invmm.TRACE_COLUMNS), its bar and nulls, the row's
+verdict and its UNet evaluations. Because an image's result does not depend on the others, the
+run under any stopping rule is the full run cut at the check where the rule fires: `analyze`
+replays every rule on the traces, exactly, and prints the verdict agreement with the full budget
+and the UNet evaluations per image against the reference protocol's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from benchmark_demo import BUDGETS, classes, load_demo_set  # noqa: E402
+
+from memray.config import AuditConfig, apply_overrides  # noqa: E402
+
+GATE_STEPS = 5
+
+
+def collect(args) -> None:
+    """Full-budget runs with every check traced (module docstring)."""
+    import torch
+
+    from memray.auditing.runner import audit_batch, model_null_bank
+    from memray.data.records import ImageInput
+    from memray.demo import trained_demo_manifest, trained_demo_model
+    from memray.models import load_model
+
+    torch.set_num_threads(args.threads)
+    manifest = Path(args.manifest) if args.manifest else trained_demo_manifest()
+    loaded = load_model(args.model or str(trained_demo_model()))
+    records = load_demo_set(manifest)
+    budget = {**BUDGETS["cpu"]["invmm"], "steps": args.steps, "early_stop": False}
+    budget |= {"gate_steps": GATE_STEPS, "gate_margin": 1e9}  # the gate traced, never deciding
+    config = AuditConfig(measures=("invmm", "uncond_replication"))
+    config = config.replace(invmm=budget, similarity=BUDGETS["cpu"]["similarity"])
+    config = apply_overrides(config, args.set or [])
+    model_null_bank(loaded, config)
+    out = {"config": json.loads(config.to_json()), "settings": {}}
+    for setting in args.settings:
+        items = [
+            ImageInput(image_id=r["id"], data=r["data"], caption=r["caption"] if setting == "caption" else None)
+            for r in records
+        ]
+        rows = []
+        for start in range(0, len(items), args.queue):
+            audits = audit_batch(loaded, items[start : start + args.queue], config, replicas=0, slots=args.slots)
+            for a in audits:
+                row = dataclasses.asdict(a.row)
+                row.pop("replicas_png")
+                rows.append({"row": row, "trace": a.invmm_trace.tolist()})
+            print(f"{setting}: {len(rows)}/{len(items)}", file=sys.stderr, flush=True)
+        out["settings"][setting] = rows
+    out["records"] = [{k: v for k, v in r.items() if k != "data"} for r in records]
+    Path(args.out).write_text(json.dumps(out))
+    print(f"wrote {args.out}")
+
+
+def check_cost(invmm: dict, steps: int, conditional: bool = True) -> int:
+    """UNet forwards of one failing check's first noise at every scale, DDIM of `steps` steps."""
+    scales = invmm["guidance_scales"] if conditional else [1.0]
+    return steps * sum(1 if g == 1 else 2 for g in scales)
+
+
+def reference_cost(conditional: bool = True) -> tuple[int, int]:
+    """(forwards, backwards) per image of the reference protocol for an image that never replicates."""
+    ref = dataclasses.asdict(AuditConfig().invmm)
+    checks = ref["steps"] // ref["check_every"] + 1
+    steps = ref["steps"] * ref["samples_per_step"]
+    return steps + checks * check_cost(ref, ref["sampling_steps"], conditional), steps
+
+
+def replay(entry: dict, invmm: dict, rule) -> tuple[bool, int, int]:
+    """(replicated, forwards, backwards) of one image under `rule` (trace, bar) -> stop at check j or None.
+
+    Exact for the decision; the cost of a replicated image is the full run's (it leaves at the same check).
+    """
+    row, trace = entry["row"], np.array(entry["trace"]).reshape(-1, 4)
+    stop = rule(trace, row)
+    if stop is None or (row["invmm_replicated"] and len(trace) - 1 <= stop):
+        return bool(row["invmm_replicated"]), row["unet_forwards"], row["unet_backwards"]
+    own_steps = int(trace[stop, 0])
+    passed = np.nan_to_num(trace[: stop + 1, 2], nan=-np.inf) >= row["replication_threshold"]
+    per_check = check_cost(invmm, invmm["sampling_steps"])
+    forwards = own_steps * invmm["samples_per_step"] + (stop + 1) * per_check
+    forwards += int(passed.sum()) * per_check * (invmm["check_noises"] - 1)  # staged: a passing scale costs more
+    return False, forwards, own_steps * invmm["samples_per_step"]
+
+
+def verdict(row: dict, replicated: bool) -> str:
+    """The verdict of the row had InvMM ended with `replicated` (verdict.decide on a copy)."""
+    from memray.auditing.verdict import decide
+    from memray.catalog.schema import AuditRow
+    from memray.config import VerdictConfig
+
+    copy = dict(row)
+    if not replicated:
+        copy.update(invmm_replicated=False, invmm_kl=None, invmm_kl_nats=None)
+    return decide(AuditRow(**copy), VerdictConfig())[0]
+
+
+def gap_rule(after: int, gap: float):
+    """Stop at the first check from `after` steps on whose best similarity so far is `gap` under the bar."""
+
+    def rule(trace, row):
+        best = np.maximum.accumulate(np.nan_to_num(trace[:, 2], nan=-np.inf))
+        late = (trace[:, 0] >= after) & (best < row["replication_threshold"] - gap)
+        return int(np.argmax(late)) if late.any() else None
+
+    return rule
+
+
+def analyze(args) -> None:
+    """Agreement and cost of each rule on the traces (module docstring)."""
+    data = json.loads(Path(args.traces).read_text())
+    invmm = data["config"]["invmm"]
+    ref_f, ref_b = reference_cost()
+    print(f"reference protocol, an image that never replicates: {ref_f} forwards + {ref_b} backwards")
+    for setting, entries in data["settings"].items():
+        positive, negative, _ = classes(data["records"])
+        full = [verdict(e["row"], e["row"]["invmm_replicated"]) for e in entries]
+        full_cost = np.mean([e["row"]["unet_forwards"] + e["row"]["unet_backwards"] for e in entries])
+        print(
+            f"\n{setting}: {len(entries)} images, full budget {invmm['steps']} steps, {full_cost:.0f} evaluations/image"
+        )
+        print(f"  {'rule':28s} {'agree':>6s} {'memorized kept':>15s} {'evals/img':>10s} {'of ref':>7s} {'of full':>8s}")
+        for after, gap in itertools.product(args.after, args.gap):
+            outcomes = [replay(e, invmm, gap_rule(after, gap)) for e in entries]
+            verdicts = [verdict(e["row"], r) for e, (r, _, _) in zip(entries, outcomes)]
+            agree = np.mean([a == b for a, b in zip(verdicts, full)])
+            kept = sum(a == b == "memorized" for a, b in zip(verdicts, full))
+            evals = np.mean([f + b for _, f, b in outcomes])
+            print(
+                f"  after {after:4d} gap {gap:5.2f}          {agree:6.1%} {kept:>7d}/{full.count('memorized'):<7d} "
+                f"{evals:10.0f} {evals / (ref_f + ref_b):7.3f} {evals / full_cost:8.3f}"
+            )
+        del positive, negative
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("collect")
+    c.add_argument("--steps", type=int, default=400)
+    c.add_argument("--settings", nargs="+", default=["caption", "unknown"], choices=["caption", "unknown"])
+    c.add_argument("--model")
+    c.add_argument("--manifest")
+    c.add_argument("--slots", type=int, default=8)
+    c.add_argument("--queue", type=int, default=16)
+    c.add_argument("--threads", type=int, default=2)
+    c.add_argument("--set", action="append")
+    c.add_argument("--out", default="traces.json")
+    a = sub.add_parser("analyze")
+    a.add_argument("traces")
+    a.add_argument("--after", type=int, nargs="+", default=[25, 50, 100, 200])
+    a.add_argument("--gap", type=float, nargs="+", default=[0.0, 0.02, 0.05, 0.1, math.inf])
+    args = parser.parse_args(argv)
+    collect(args) if args.command == "collect" else analyze(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
