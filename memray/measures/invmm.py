@@ -47,7 +47,7 @@ class InvMMConfig:
     temperature: float = 2.0
     free_tokens: int | None = None  # None: every free slot (75 for SD)
     kl_weight_init: float = 1.0
-    kl_weight_delta: float | None = None  # None: 1e-3 for latent models, 1e-4 for pixel DDPM
+    kl_weight_delta: float | None = None  # None: the model family's (1e-3 latent models, 1e-4 pixel DDPM)
     check_every: int = 50
     check_at_start: bool = True  # also check N(0, I) and the starting prompt before any step
     improvement_tol: float = 1e-3
@@ -134,7 +134,7 @@ def invmm(
     caption's free-slot token ids where the prompt starts at a caption, -1 rows elsewhere.
     """
     batch, device, s = z0.shape[0], z0.device, config.samples_per_step
-    delta = config.kl_weight_delta if config.kl_weight_delta is not None else (1e-3 if model.family != "ddpm" else 1e-4)
+    delta = config.kl_weight_delta if config.kl_weight_delta is not None else model.kl_weight_delta
     mu, log_var = torch.zeros_like(z0), torch.zeros_like(z0)
     opt_mu, opt_lv = RowAdam(mu), RowAdam(log_var)
     prompt = None

@@ -66,7 +66,8 @@ def vocabulary_entropy(embeddings: torch.Tensor, vocabulary: torch.Tensor) -> to
 
 def prompt_condition(model, free: torch.Tensor) -> torch.Tensor:
     """Free-slot embeddings (n, N, d) -> text-encoder conditioning phi(e) (n, L, D)."""
-    return model.encode_embeddings(model.prompt_embeddings(free))
+    layout = model.prompt_ids(torch.zeros(free.shape[:2], dtype=torch.long, device=free.device))
+    return model.encode_embeddings(model.prompt_embeddings(free), layout)
 
 
 def soft_prompt_inversion(
