@@ -13,12 +13,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import png_bytes, tiny_budgets
+from conftest import png_bytes, tiny_budgets, tiny_flags
 from test_invariants import MarkedSimilarity, assert_invmm_rows_equal, image_z0, run_invmm
 
 from memray.auditing.runner import audit_batch
 from memray.catalog.reader import Catalog
 from memray.catalog.writer import CatalogWriter
+from memray.cli import main
 from memray.data.records import ImageInput
 from memray.measures import rng
 from memray.measures.invmm import _PromptDistribution
@@ -286,6 +287,15 @@ def test_every_measure_runs_end_to_end_and_writes_a_catalog_row(tiny_families, f
     got = Catalog(str(tmp_path / "catalog")).query("SELECT image_id, model FROM latest ORDER BY image_id")
     assert got.column("image_id").to_pylist() == [f"{family}-0", f"{family}-1"]
     assert got.column("model").to_pylist() == [loaded.slug] * 2
+
+
+def test_memray_inspect_detects_the_family_from_model_index(tiny_family_dirs, tmp_path, capsys):
+    image = tmp_path / "target.png"
+    image.write_bytes(png_bytes(52, size=(40, 40)))
+    args = ["inspect", str(image), "--model", str(tiny_family_dirs["sd3"]), "--caption", "a red cat"]
+    assert main([*args, "--out", str(tmp_path / "out"), "--samples", "1", *tiny_flags()]) == 0
+    assert "(sd3, flow, 32px" in capsys.readouterr().err
+    assert json.loads((tmp_path / "out" / "row.json").read_text())["status"] == "ok"
 
 
 def test_an_unsupported_family_names_itself_and_what_is_supported(tiny_family_dirs, tmp_path):

@@ -17,6 +17,11 @@ from memray.models.loading import load_component
 
 def pack_pooled(hidden: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
     """Hidden states (n, L, D) and pooled embeddings (n, P <= D) as one condition (n, L + 1, D) (protocol.py)."""
+    if pooled.shape[-1] > hidden.shape[-1]:
+        # Real SDXL (1280 <= 2048) and SD 3.x (2048 <= 4096) configs fit; a checkpoint that does not is refused.
+        raise CheckpointError(
+            f"pooled text embeddings of width {pooled.shape[-1]} do not fit the condition width {hidden.shape[-1]}"
+        )
     row = torch.nn.functional.pad(pooled, (0, hidden.shape[-1] - pooled.shape[-1]))
     return torch.cat([hidden, row.unsqueeze(1)], dim=1)
 
