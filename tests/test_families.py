@@ -29,7 +29,7 @@ from memray.measures.stats import kl_to_standard_normal
 from memray.measures.z0_error import sampled_z0_error, z0_prediction_error
 from memray.models import CheckpointError, load_model, supported_pipelines
 from memray.models.protocol import DiffusionModel, TextConditionedModel
-from memray.models.tiny import build_tiny_ldm
+from memray.models.tiny import build_tiny_ldm, build_tiny_sd3
 
 FAMILIES = ["ldm", "sdxl", "sd3"]
 CONDITIONAL = ["sdxl", "sd3"]
@@ -112,6 +112,18 @@ def test_sd3_predict_converts_the_raw_velocity(tiny_families):
     torch.testing.assert_close(pred.z0.double(), z_t.double() - s * v, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(pred.eps.double(), z_t.double() + (1 - s) * v, rtol=1e-4, atol=1e-4)
     assert model.counter.forwards.tolist() == [1] * n
+
+
+def test_sd3_without_t5_conditions_on_zeros_and_dynamic_shifting_is_refused(tmp_path):
+    path = build_tiny_sd3(tmp_path / "sd3-no-t5", t5=False)
+    model = load_model(str(path), device="cpu").adapter
+    # the pipeline without T5: zeros of max_sequence_length (256) rows in its place
+    t5_rows = model.empty_condition(1)[:, model.max_length : -1]
+    assert t5_rows.shape[1] == 256 and not t5_rows.any()
+    config_file = path / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "use_dynamic_shifting": True}))
+    with pytest.raises(CheckpointError, match="use_dynamic_shifting"):
+        load_model(str(path), device="cpu")
 
 
 # -- against the diffusers pipelines -----------------------------------------------------------
