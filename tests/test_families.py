@@ -135,22 +135,29 @@ def test_sd3_condition_and_guided_euler_sampling_match_the_pipeline(tiny_family_
 
     model = tiny_families["sd3"].adapter
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_family_dirs["sd3"], local_files_only=True)
-    prompts = ["a red cat", "a blue house on the tree"]
-    cond = model.encode_ids(model.token_ids(prompts))
-    # memray gives T5 the empty prompt (docs/science.md): the pipeline's prompt_3 = ""
-    embeds, _, pooled, _ = pipe.encode_prompt(prompts, prompts, ["", ""], do_classifier_free_guidance=False)
-    torch.testing.assert_close(cond[:, :-1], embeds, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(cond[:, -1, : model.pooled_width], pooled, rtol=1e-5, atol=1e-5)
+    prompts, captions = ["a red cat", "a blue house on the tree"], ["a dog in the sky", ""]
+
+    def reference(clip_l, clip_g_and_t5):
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            clip_l, clip_g_and_t5, clip_g_and_t5, do_classifier_free_guidance=False
+        )
+        return embeds, pooled
+
+    # the prompt fills CLIP-L; CLIP-G and T5 see each image's caption ("" without one), as in the reference
+    for context, others in ((model.caption_context(captions), captions), (None, ["", ""])):
+        cond = model.encode_ids(model.token_ids(prompts), context)
+        embeds, pooled = reference(prompts, others)
+        torch.testing.assert_close(cond[:, :-1], embeds, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cond[:, -1, : model.pooled_width], pooled, rtol=1e-5, atol=1e-5)
     empty, _, empty_pooled, _ = pipe.encode_prompt("", "", "", do_classifier_free_guidance=False)
     torch.testing.assert_close(model.empty_condition(1)[:, :-1], empty, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(model.empty_condition(1)[:, -1, : model.pooled_width], empty_pooled)
 
     z_T = torch.randn(2, *model.latent_shape, generator=torch.Generator().manual_seed(3))
     model.counter.reset(2)
+    cond = model.encode_ids(model.token_ids(prompts), model.caption_context(prompts))  # every encoder: the prompt
     mine = ddim_generate(model, z_T, cond, torch.full((2,), 3.5), torch.arange(2), 4)
-    theirs = pipe(
-        prompt=prompts, prompt_3=["", ""], guidance_scale=3.5, num_inference_steps=4, latents=z_T, output_type="latent"
-    ).images
+    theirs = pipe(prompt=prompts, guidance_scale=3.5, num_inference_steps=4, latents=z_T, output_type="latent").images
     torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
     assert model.counter.forwards.tolist() == [4 * 2] * 2  # both CFG branches, every step
 
@@ -223,7 +230,9 @@ def test_invmm_gradients_reach_only_the_inversion_parameters(tiny_families, fami
     s, batch = 2, 2
     z0 = image_z0(model, [21, 22])
     gens = rng.image_generators(["g0", "g1"], 0, "invmm")
-    prompt = _PromptDistribution(model, run_invmm.__defaults__[0], torch.full((batch, model.num_free_slots), -1))
+    context = model.caption_context(["a red cat", ""])  # SD 3: CLIP-G and T5 on the caption; SDXL: None
+    start = torch.full((batch, model.num_free_slots), -1)
+    prompt = _PromptDistribution(model, run_invmm.__defaults__[0], start, context)
     mu = (0.1 * torch.randn(z0.shape, generator=torch.Generator().manual_seed(1))).requires_grad_()
     log_var = torch.full_like(z0, -0.2).requires_grad_()
     logits = prompt.logits.clone().requires_grad_()

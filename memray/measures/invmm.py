@@ -97,8 +97,8 @@ def caption_start_logits(start_ids: torch.Tensor, vocab_size: int, weight: float
 class _PromptDistribution:
     """Token logits per image and the conditioning they induce (absent for unconditional models)."""
 
-    def __init__(self, model, config: InvMMConfig, start_ids: torch.Tensor):
-        self.model, self.config = model, config
+    def __init__(self, model, config: InvMMConfig, start_ids: torch.Tensor, context: torch.Tensor | None = None):
+        self.model, self.config, self.context = model, config, context
         self.vocab = model.vocabulary_embeddings.detach().float()
         self.logits = caption_start_logits(
             start_ids, self.vocab.shape[0], config.prompt_init_weight, config.temperature
@@ -107,31 +107,48 @@ class _PromptDistribution:
         self.from_caption = (start_ids >= 0).any(-1).tolist()
         self.lr = config.prompt_lr if config.prompt_lr is not None else config.lr
 
-    def sampled_condition(self, logits, gens, samples):
-        """Gumbel-softmax token mixes, `samples` per image: conditioning (b * samples, L, D)."""
+    def _context(self, rows, repeats: int = 1):
+        """The caption context of `rows` (None: every image), each repeated `repeats` times."""
+        if self.context is None:
+            return None
+        return (self.context if rows is None else self.context[rows]).repeat_interleave(repeats, 0)
+
+    def sampled_condition(self, logits, gens, samples, rows=None):
+        """Gumbel-softmax token mixes, `samples` per image of `rows` (None: all): conditioning (b * samples, L, D)."""
         u = rng.rand_per_image(gens, (samples, *logits.shape[1:])).clamp_(1e-10, 1 - 1e-7)
         gumbel = -torch.log(-torch.log(u))
         weights = torch.softmax((logits.unsqueeze(1) + gumbel) / self.config.temperature, dim=-1)
-        return prompt_condition(self.model, (weights @ self.vocab).flatten(0, 1))
+        return prompt_condition(self.model, (weights @ self.vocab).flatten(0, 1), self._context(rows, samples))
 
     def expected_condition(self, rows):
         """Conditioning of the expected token mix softmax(logits / tau): the reference's check prompt."""
         weights = torch.softmax(self.logits[rows] / self.config.temperature, dim=-1)
-        return prompt_condition(self.model, weights @ self.vocab)
+        return prompt_condition(self.model, weights @ self.vocab, self._context(rows))
 
     def readable(self, rows):
         """The argmax tokens' conditioning and text: a real prompt a person can type."""
         ids = self.logits[rows].argmax(-1)
-        return self.model.encode_ids(self.model.prompt_ids(ids)), self.model.decode_tokens(ids)
+        return self.model.encode_ids(self.model.prompt_ids(ids), self._context(rows)), self.model.decode_tokens(ids)
 
 
 def invmm(
-    model, z0, generators, owner, config: InvMMConfig, similarity, targets, *, start_ids=None, progress=None
+    model,
+    z0,
+    generators,
+    owner,
+    config: InvMMConfig,
+    similarity,
+    targets,
+    *,
+    start_ids=None,
+    context=None,
+    progress=None,
 ) -> InvMMResult:
     """Run InvMM on B images in shared UNet calls; finished images stop costing evaluations.
 
     `targets` (similarity.Targets) holds each image's features and bar; `start_ids` (B, N) the
-    caption's free-slot token ids where the prompt starts at a caption, -1 rows elsewhere.
+    caption's free-slot token ids where the prompt starts at a caption, -1 rows elsewhere; `context`
+    (B, ...) each image's caption context (model.caption_context) or None.
     """
     batch, device, s = z0.shape[0], z0.device, config.samples_per_step
     delta = config.kl_weight_delta if config.kl_weight_delta is not None else model.kl_weight_delta
@@ -142,7 +159,7 @@ def invmm(
         slots = min(config.free_tokens or model.num_free_slots, model.num_free_slots)
         if start_ids is None or config.prompt_init == "zero":
             start_ids = torch.full((batch, slots), -1, dtype=torch.long, device=device)
-        prompt = _PromptDistribution(model, config, start_ids[:, :slots].to(device))
+        prompt = _PromptDistribution(model, config, start_ids[:, :slots].to(device), context)
     weight = torch.full((batch,), config.kl_weight_init, device=device)
     history = torch.full((batch, config.steps), torch.nan, device=device)
     previous_check = torch.full((batch,), torch.inf, device=device)
@@ -215,7 +232,7 @@ def invmm(
         if prompt is not None:
             p_logits = prompt.logits[rows].requires_grad_()
             params.append(p_logits)
-            cond = prompt.sampled_condition(p_logits, gens, s)
+            cond = prompt.sampled_condition(p_logits, gens, s, rows)
         recon = sampled_z0_error(
             model, z0[rows].repeat_interleave(s, 0), eps, t, cond, owner[rows].repeat_interleave(s)
         )

@@ -38,7 +38,7 @@ def wen_screen(model, captions: list[str], generators, owner, config: WenConfig)
     batch, g = len(captions), config.generations
     ids = model.token_ids(captions)
     embeddings = model.token_embeddings(ids).detach().clone().requires_grad_()
-    cond = model.encode_embeddings(embeddings, ids).repeat_interleave(g, 0)
+    cond = model.encode_embeddings(embeddings, ids, model.caption_context(captions)).repeat_interleave(g, 0)
     uncond = model.empty_condition(batch * g)
     owner_g = owner.repeat_interleave(g)
     z = rng.randn_per_image(generators, (g, *model.latent_shape)).flatten(0, 1)

@@ -60,9 +60,10 @@ class DiffusionModel(Protocol):
 class TextConditionedModel(DiffusionModel, Protocol):
     """A text-to-image model: prompts of N free token slots over one vocabulary, and their conditions.
 
-    Where a family has several text encoders over one vocabulary (SDXL, SD 3.x), a token embedding
-    is the concatenation of that token's row in each encoder's table, so one token mix embeds in
-    all of them at once.
+    Where a family inverts several text encoders over one vocabulary (SDXL), a token embedding is
+    the concatenation of that token's row in each encoder's table, so one token mix embeds in all of
+    them at once. Where a family conditions some encoders on the caption (SD 3.x), `caption_context`
+    carries that part, per image; everything that builds a condition from a prompt takes it.
     """
 
     tokenizer: object  # the first CLIP tokenizer: ids, special tokens, readable tokens
@@ -84,10 +85,17 @@ class TextConditionedModel(DiffusionModel, Protocol):
     def prompt_embeddings(self, free: torch.Tensor) -> torch.Tensor:
         """Free-slot embeddings (n, N, d) -> the full sequence's embeddings (n, L, d)."""
 
-    def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """Full ids (n, L) -> condition (n, L', D)."""
+    def caption_context(self, captions: list[str]) -> torch.Tensor | None:
+        """Per caption, the part of the condition the caption fixes rather than the prompt (SD 3.x: CLIP-G
+        and T5 on the caption, "" where there is none), as rows the measures index and repeat; None where
+        the condition is the prompt's alone (SD 1.x/2.x, SDXL)."""
 
-    def encode_embeddings(self, embeddings: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def encode_ids(self, ids: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Full ids (n, L) and each row's caption context -> condition (n, L', D)."""
+
+    def encode_embeddings(
+        self, embeddings: torch.Tensor, ids: torch.Tensor, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Full-sequence token embeddings (n, L, d) laid out like `ids` -> condition, differentiable in them."""
 
     def decode_tokens(self, token_ids: torch.Tensor) -> list[str]:

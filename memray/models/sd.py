@@ -122,7 +122,7 @@ class StableDiffusionAdapter(DiffusionAdapter):
         tables = [encoder.get_input_embeddings().weight for encoder in self.text_encoders]
         return torch.cat([table[self._encoder_ids(k, ids)] for k, table in enumerate(tables)], dim=-1)
 
-    def _encode(self, ids: torch.Tensor, embeddings: torch.Tensor | None) -> torch.Tensor:
+    def _encode(self, ids: torch.Tensor, embeddings: torch.Tensor | None, context) -> torch.Tensor:
         """Run every text encoder on ids, with their token embeddings replaced where given; the condition.
 
         transformers 5's CLIP text models take no inputs_embeds; replacing the token-embedding output
@@ -142,19 +142,23 @@ class StableDiffusionAdapter(DiffusionAdapter):
             finally:
                 if handle is not None:
                     handle.remove()
-        return self._condition(outputs)
+        return self._condition(outputs, context)
 
-    def _condition(self, outputs) -> torch.Tensor:
+    def _condition(self, outputs, context) -> torch.Tensor:
         """The text encoders' outputs -> the UNet's condition: SD 1.x/2.x take the last hidden state."""
         return outputs[0].last_hidden_state.float()
 
-    def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids (n, L) -> text-encoder condition phi(e) (n, L, D)."""
-        return self._encode(ids, None)
+    def caption_context(self, captions: list[str]) -> torch.Tensor | None:
+        """What of the condition the captions fix rather than the prompt: nothing for SD 1.x/2.x and SDXL."""
+        return None
 
-    def encode_embeddings(self, embeddings: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def encode_ids(self, ids: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (n, L) -> text-encoder condition phi(e) (n, L, D), with each row's caption context."""
+        return self._encode(ids, None, context)
+
+    def encode_embeddings(self, embeddings: torch.Tensor, ids: torch.Tensor, context=None) -> torch.Tensor:
         """Token embeddings e (n, L, d) laid out like ids (n, L) -> phi(e), differentiable in e."""
-        return self._encode(ids, embeddings)
+        return self._encode(ids, embeddings, context)
 
     def prompt_ids(self, free_ids: torch.Tensor) -> torch.Tensor:
         """Free-slot token ids (n, N) -> full sequence [start, ids..., end, pad...] (n, L)."""

@@ -52,7 +52,7 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
         size = float(self.resolution)
         self.time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]], device=self.device)
 
-    def _condition(self, outputs) -> torch.Tensor:
+    def _condition(self, outputs, context) -> torch.Tensor:
         """Both encoders' penultimate hidden states side by side, and the second's pooled projection."""
         hidden = torch.cat([output.hidden_states[-2] for output in outputs], dim=-1)
         return pack_pooled(hidden, outputs[1].text_embeds).float()
