@@ -12,7 +12,7 @@ from PIL import Image
 
 from memray.config import AuditConfig, quick_config
 from memray.models import load_model
-from memray.models.tiny import build_tiny_ddpm, build_tiny_sd
+from memray.models.tiny import build_tiny_ddpm, build_tiny_ldm, build_tiny_sd, build_tiny_sd3, build_tiny_sdxl
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -80,6 +80,23 @@ def tiny_ddpm_dir(tmp_path_factory):
 def tiny_ddpm(tiny_ddpm_dir):
     """The tiny DDPM checkpoint loaded through the real loading path."""
     return load_model(str(tiny_ddpm_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_family_dirs(tmp_path_factory):
+    """Tiny checkpoint directories of the families beyond SD 1.x/2.x and pixel DDPM."""
+    root = tmp_path_factory.mktemp("families")
+    return {
+        "ldm": build_tiny_ldm(root / "tiny-ldm"),
+        "sdxl": build_tiny_sdxl(root / "tiny-sdxl"),
+        "sd3": build_tiny_sd3(root / "tiny-sd3"),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_families(tiny_family_dirs):
+    """Those checkpoints loaded through the real loading path, by family."""
+    return {family: load_model(str(path), device="cpu") for family, path in tiny_family_dirs.items()}
 
 
 def threshold_targets(model, similarity, z0: torch.Tensor):

@@ -143,7 +143,7 @@ def test_invmm_loss_gradient_reaches_mu_log_var_and_logits(tiny_sd):
     noise = rng.randn_per_image(gens, (s, *z0.shape[1:]))
     t = rng.randint_per_image(gens, model.num_train_timesteps, (s,)).flatten()
     eps = (mu.unsqueeze(1) + (0.5 * log_var).exp().unsqueeze(1) * noise).flatten(0, 1)
-    cond = prompt.sampled_condition(logits, gens, s)
+    cond = prompt.sampled_condition(logits, gens, s, torch.arange(batch))
     model.counter.reset(batch)
     recon = sampled_z0_error(model, z0.repeat_interleave(s, 0), eps, t, cond, owner.repeat_interleave(s))
     recon = recon.reshape(batch, s).mean(1)

@@ -148,7 +148,7 @@ def test_adapter_predict_converts_the_raw_unet_output(checkpoints, kind):
     with torch.no_grad():
         raw = model.unet(z_t, t, encoder_hidden_states=cond).sample
     # The schedule: the scheduler's own table, checked against the float64 closed form.
-    np.testing.assert_allclose(model.alphas_cumprod[t].numpy(), scaled_linear_abar(t.numpy()), rtol=1e-5)
+    np.testing.assert_allclose(model.schedule.alphas_cumprod[t].numpy(), scaled_linear_abar(t.numpy()), rtol=1e-5)
     eps, z0 = by_hand(kind, raw, z_t, scaled_linear_abar(t.numpy()))
     # float32 network and schedule; dividing by sqrt(abar_999) ~ 0.07 or sqrt(1 - abar_0) ~ 0.03
     # amplifies float32 rounding, hence the 1e-4 absolute tolerance.

@@ -64,6 +64,12 @@ class Batch:
         ids[torch.tensor([not c.strip() for c in captions], device=ids.device)] = -1
         return ids
 
+    def caption_context(self, slots: list[int]) -> torch.Tensor | None:
+        """Each image's caption context (the model's caption_context; "" without a caption), None where unused."""
+        if not self.model.is_conditional:
+            return None
+        return self.model.caption_context([self.captions[s] or "" for s in slots])
+
 
 @dataclass
 class Filled:
@@ -114,6 +120,7 @@ def _invmm(batch: Batch, slots: list[int]) -> Filled:
         batch.similarity,
         batch.targets[idx],
         start_ids=batch.caption_start(slots, batch.config.invmm.prompt_init),
+        context=batch.caption_context(slots),
         slots=batch.slots,
         progress=batch.progress,
     )
@@ -191,6 +198,7 @@ def _prompt_inversion(batch: Batch, slots: list[int]) -> Filled:
         batch.owner[idx],
         batch.config.prompt_inversion,
         init_ids=batch.caption_start(slots, batch.config.prompt_inversion.init),
+        context=batch.caption_context(slots),
         progress=batch.progress,
     )
     columns = {
@@ -207,7 +215,7 @@ def _quantiles(samples: np.ndarray) -> list[float]:
 def _wasserstein(batch: Batch, slots: list[int]) -> Filled:
     idx, soft = batch.index(slots), batch.handovers["prompt_inversion"]
     with torch.no_grad():
-        cond = prompt_condition(batch.model, torch.stack([soft[s] for s in slots]))
+        cond = prompt_condition(batch.model, torch.stack([soft[s] for s in slots]), batch.caption_context(slots))
     result = memorization_wasserstein(
         batch.model, batch.z0[idx], cond, batch.gens("wasserstein", slots), batch.owner[idx], batch.config.wasserstein
     )
@@ -267,6 +275,7 @@ def _hard_prompt(batch: Batch, slots: list[int]) -> Filled:
         batch.targets[idx],
         guidance_scales=config.invmm.guidance_scales,
         sampling_steps=config.invmm.sampling_steps,
+        context=batch.caption_context(slots),
     )
     columns = {
         "hard_prompt": list(result.prompts),

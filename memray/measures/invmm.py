@@ -48,7 +48,7 @@ class InvMMConfig:
     temperature: float = 2.0
     free_tokens: int | None = None  # None: every free slot (75 for SD)
     kl_weight_init: float = 1.0
-    kl_weight_delta: float | None = None  # None: 1e-3 for latent models, 1e-4 for pixel DDPM
+    kl_weight_delta: float | None = None  # None: the model family's (1e-3 latent models, 1e-4 pixel DDPM)
     check_every: int = 50
     check_at_start: bool = True  # also check N(0, I) and the starting prompt before any step
     improvement_tol: float = 1e-3
@@ -110,8 +110,8 @@ def caption_start_logits(start_ids: torch.Tensor, vocab_size: int, weight: float
 class _PromptDistribution:
     """Token logits per slot and the conditioning they induce (absent for unconditional models)."""
 
-    def __init__(self, model, config: InvMMConfig, slots: int, free_tokens: int, device):
-        self.model, self.config = model, config
+    def __init__(self, model, config: InvMMConfig, slots: int, free_tokens: int, device, context=None):
+        self.model, self.config, self.context = model, config, context
         self.vocab = model.vocabulary_embeddings.detach().float()
         self.logits = torch.zeros(slots, free_tokens, self.vocab.shape[0], device=device)
         self.opt = RowAdam(self.logits)
@@ -123,22 +123,28 @@ class _PromptDistribution:
         self.logits[rows] = caption_start_logits(start_ids, self.vocab.shape[0], weight, tau)
         self.opt.reset(rows)
 
-    def sampled_condition(self, logits, gens, samples):
+    def _context(self, images, repeats: int = 1):
+        """The caption context (model.caption_context) of `images`, each repeated `repeats` times."""
+        if self.context is None:
+            return None
+        return self.context[images].repeat_interleave(repeats, 0)
+
+    def sampled_condition(self, logits, gens, samples, images):
         """Gumbel-softmax token mixes, `samples` per image: conditioning (b * samples, L, D)."""
         u = rng.rand_per_image(gens, (samples, *logits.shape[1:])).clamp_(1e-10, 1 - 1e-7)
         gumbel = -torch.log(-torch.log(u))
         weights = torch.softmax((logits.unsqueeze(1) + gumbel) / self.config.temperature, dim=-1)
-        return prompt_condition(self.model, (weights @ self.vocab).flatten(0, 1))
+        return prompt_condition(self.model, (weights @ self.vocab).flatten(0, 1), self._context(images, samples))
 
-    def expected_condition(self, rows):
+    def expected_condition(self, rows, images):
         """Conditioning of the expected token mix softmax(logits / tau): the reference's check prompt."""
         weights = torch.softmax(self.logits[rows] / self.config.temperature, dim=-1)
-        return prompt_condition(self.model, weights @ self.vocab)
+        return prompt_condition(self.model, weights @ self.vocab, self._context(images))
 
-    def readable(self, rows):
+    def readable(self, rows, images):
         """The argmax tokens' conditioning and text: a real prompt a person can type."""
         ids = self.logits[rows].argmax(-1)
-        return self.model.encode_ids(self.model.prompt_ids(ids)), self.model.decode_tokens(ids)
+        return self.model.encode_ids(self.model.prompt_ids(ids), self._context(images)), self.model.decode_tokens(ids)
 
 
 def out_of_reach(trace: np.ndarray, bar: float, config: InvMMConfig) -> bool:
@@ -185,6 +191,7 @@ def invmm(
     targets,
     *,
     start_ids=None,
+    context=None,
     slots: int | None = None,
     progress=None,
 ) -> InvMMResult:
@@ -194,11 +201,12 @@ def invmm(
     hands its slot to the next image, which starts at its own step 0 with its own optimizer
     state and random stream; every result is the image's alone, whenever it joined.
     `targets` (similarity.Targets) holds each image's features and bar; `start_ids` (B, N) the
-    caption's free-slot token ids where the prompt starts at a caption, -1 rows elsewhere.
+    caption's free-slot token ids where the prompt starts at a caption, -1 rows elsewhere; `context`
+    (B, ...) each image's caption context (model.caption_context) or None.
     """
     batch, device, s = z0.shape[0], z0.device, config.samples_per_step
     n_slots = min(slots or batch, batch)
-    delta = config.kl_weight_delta if config.kl_weight_delta is not None else (1e-3 if model.family != "ddpm" else 1e-4)
+    delta = config.kl_weight_delta if config.kl_weight_delta is not None else model.kl_weight_delta
     bars = targets.threshold.cpu()
     mu = torch.zeros(n_slots, *z0.shape[1:], device=device)
     log_var = torch.zeros_like(mu)
@@ -209,7 +217,7 @@ def invmm(
         if start_ids is None or config.prompt_init == "zero":
             start_ids = torch.full((batch, free), -1, dtype=torch.long)
         start_ids = start_ids[:, :free].to(device)
-        prompt = _PromptDistribution(model, config, n_slots, free, device)
+        prompt = _PromptDistribution(model, config, n_slots, free, device, context)
         condition_shape = model.empty_condition(1).shape[1:]
     weight = torch.zeros(n_slots, device=device)
     history = torch.full((n_slots, config.steps), torch.nan, device=device)
@@ -248,7 +256,7 @@ def invmm(
         out.reconstruction[images] = history[rows, (own_steps[rows] - 1).clamp_min(0)].cpu()
         if prompt is not None:
             with torch.no_grad():
-                texts = prompt.readable(rows)[1]
+                texts = prompt.readable(rows, image[rows])[1]
         for k, i in enumerate(images.tolist()):
             out.stop_reason[i] = reason
             if prompt is not None:
@@ -263,7 +271,7 @@ def invmm(
         sigma = (0.5 * log_var[rows]).exp().unsqueeze(1)
         noises = mu[rows].unsqueeze(1) + sigma * rng.randn_per_image(gens, (config.check_noises, *z0.shape[1:]))
         with torch.no_grad():
-            cond = prompt.expected_condition(rows) if prompt is not None else None
+            cond = prompt.expected_condition(rows, images) if prompt is not None else None
         kl_nats = kl_to_standard_normal(mu[rows], log_var[rows], reduce="sum").cpu()
         found = torch.zeros(len(rows), dtype=torch.bool)
         seen = torch.full((len(rows),), torch.nan)
@@ -295,7 +303,7 @@ def invmm(
             out.kl[hit_images] = kl_to_standard_normal(mu[rows[hits]], log_var[rows[hits]]).cpu()
             if prompt is not None:  # the second kind of evidence: a prompt a person can type
                 with torch.no_grad():
-                    readable_cond, _ = prompt.readable(rows[hits])
+                    readable_cond, _ = prompt.readable(rows[hits], images[hits])
                 again = replicates(images[hits], noises[hits.to(device)], readable_cond, config.sampling_steps)
                 out.prompt_replicated[hit_images] = again.replicated
             finish(rows[hits.to(device)], "replicated")
@@ -346,7 +354,7 @@ def invmm(
         if prompt is not None:
             p_logits = prompt.logits[rows].requires_grad_()
             params.append(p_logits)
-            cond = prompt.sampled_condition(p_logits, gens, s)
+            cond = prompt.sampled_condition(p_logits, gens, s, images)
         recon = sampled_z0_error(
             model, z0[images].repeat_interleave(s, 0), eps, t, cond, owner[images].repeat_interleave(s)
         )

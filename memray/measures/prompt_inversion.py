@@ -64,9 +64,10 @@ def vocabulary_entropy(embeddings: torch.Tensor, vocabulary: torch.Tensor) -> to
     return -(log_p.exp() * log_p).sum(-1).mean(-1)
 
 
-def prompt_condition(model, free: torch.Tensor) -> torch.Tensor:
-    """Free-slot embeddings (n, N, d) -> text-encoder conditioning phi(e) (n, L, D)."""
-    return model.encode_embeddings(model.prompt_embeddings(free))
+def prompt_condition(model, free: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    """Free-slot embeddings (n, N, d) and each row's caption context -> text-encoder conditioning phi(e) (n, L, D)."""
+    layout = model.prompt_ids(torch.zeros(free.shape[:2], dtype=torch.long, device=free.device))
+    return model.encode_embeddings(model.prompt_embeddings(free), layout, context)
 
 
 def soft_prompt_inversion(
@@ -79,11 +80,13 @@ def soft_prompt_inversion(
     free_tokens=None,
     steps=None,
     init_ids=None,
+    context=None,
     progress=None,
 ):
     """Optimise N free token embeddings per image; returns a SoftPromptResult.
 
     The embeddings start at random vocabulary tokens, or at `init_ids` (B, >= N) where those are >= 0.
+    `context` (B, ...) is each image's caption context (model.caption_context), or None.
     """
     vocab = model.vocabulary_embeddings.detach()
     slots = free_tokens or config.free_tokens or model.num_free_slots
@@ -109,7 +112,7 @@ def soft_prompt_inversion(
         eps = rng.randn_per_image(gens, (s, *z0.shape[1:])).flatten(0, 1)
         t = rng.randint_per_image(gens, model.num_train_timesteps, (s,)).flatten()
         free = embeddings[rows].detach().requires_grad_()
-        cond = prompt_condition(model, free).repeat_interleave(s, 0)
+        cond = prompt_condition(model, free, None if context is None else context[rows]).repeat_interleave(s, 0)
         err = sampled_z0_error(model, z0[rows].repeat_interleave(s, 0), eps, t, cond, owner[rows].repeat_interleave(s))
         err = err.reshape(len(rows), s).mean(1)
         loss = err + (config.weight * vocabulary_entropy(free, vocab) if config.regularizer == "r2" else 0)
@@ -139,11 +142,12 @@ class HardPromptResult:
     restarts: np.ndarray
 
 
-def _candidate_errors(model, z0, candidates, test_eps, test_t, owner):
+def _candidate_errors(model, z0, candidates, test_eps, test_t, owner, context):
     """Mean single-step z0 error of every candidate prompt on the image's fixed test set: (B, C)."""
     batch, n_cand, _ = candidates.shape
     with torch.no_grad():
-        cond = model.encode_ids(model.prompt_ids(candidates.flatten(0, 1)))
+        context = None if context is None else context.repeat_interleave(n_cand, 0)
+        cond = model.encode_ids(model.prompt_ids(candidates.flatten(0, 1)), context)
         total = torch.zeros(batch * n_cand, device=z0.device)
         for j in range(test_eps.shape[1]):
             total += sampled_z0_error(
@@ -169,10 +173,12 @@ def hard_prompt_inversion(
     *,
     guidance_scales,
     sampling_steps,
+    context=None,
 ):
     """Algorithm 1 for B images: readable prompts that trigger replication, with restarts.
 
-    `targets` (similarity.Targets) holds each image's replication bar, as in InvMM's check.
+    `targets` (similarity.Targets) holds each image's replication bar, as in InvMM's check;
+    `context` (B, ...) each image's caption context, or None.
     """
     batch = z0.shape[0]
     vocab = model.vocabulary_embeddings.detach()
@@ -188,14 +194,22 @@ def hard_prompt_inversion(
             break
         gens = [generators[i] for i in rows.tolist()]
         dev_rows = rows.to(z0.device)
+        rows_context = None if context is None else context[dev_rows]
         found = soft_prompt_inversion(
-            model, z0[dev_rows], gens, owner[dev_rows], soft, free_tokens=config.tokens, steps=config.steps
+            model,
+            z0[dev_rows],
+            gens,
+            owner[dev_rows],
+            soft,
+            free_tokens=config.tokens,
+            steps=config.steps,
+            context=rows_context,
         )
         top = (found.embeddings.to(vocab.dtype) @ vocab.T).topk(config.top_k, dim=-1).indices  # (b, N, k)
         combos = torch.tensor(list(itertools.product(range(config.top_k), repeat=top.shape[1])))
         candidates = top[:, torch.arange(top.shape[1]).unsqueeze(0), combos]  # (b, k^N, N)
         errors, conds = _candidate_errors(
-            model, z0[dev_rows], candidates, test_eps[dev_rows], test_t[dev_rows], owner[dev_rows]
+            model, z0[dev_rows], candidates, test_eps[dev_rows], test_t[dev_rows], owner[dev_rows], rows_context
         )
         err, pick = errors.min(1)
         chosen = torch.arange(len(rows))

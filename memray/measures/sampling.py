@@ -1,4 +1,8 @@
-"""DDIM generation (eta = 0) with classifier-free guidance, from the aligned start.
+"""Deterministic generation with classifier-free guidance, from the aligned start.
+
+The update is the model's (protocol.DiffusionModel.sampler_step): DDIM with eta = 0 on a variance
+preserving schedule, the Euler step on a flow-matching one; both re-noise z0_hat with eps_hat at the
+next level, so guidance combines (eps, z0) the same way for both.
 
 Aligned start (docs/science.md, departures): z_T = sqrt(abar_T) z0 + sqrt(1 - abar_T) eps rather than eps
 itself; at SD's terminal SNR (about 0.0047) the small z0 term changes the generated image.
@@ -8,13 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from memray.measures.parameterization import noisy_sample
-
 
 def aligned_start(model, z0: torch.Tensor, eps: torch.Tensor, num_steps: int) -> torch.Tensor:
-    """z_T for the first DDIM timestep: the forward process applied to z0 with noise eps."""
+    """z_T for the first sampling timestep: the forward process applied to z0 with noise eps."""
     t_first = model.sampling_timesteps(num_steps)[0]
-    return noisy_sample(z0, eps, model.alphas_cumprod[t_first].expand(z0.shape[0]))
+    return model.noisy_sample(z0, eps, t_first.expand(z0.shape[0]))
 
 
 def guided_prediction(model, z_t, t, cond, guidance, owner):
@@ -38,23 +40,12 @@ def guided_prediction(model, z_t, t, cond, guidance, owner):
     return type(pred)(eps=eps, z0=z0)
 
 
-def ddim_step(model, timesteps: torch.Tensor, i: int, eps: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
-    """eta = 0 update from timesteps[i] to the next one: sqrt(abar_prev) z0_hat + sqrt(1 - abar_prev) eps_hat.
-
-    z0_hat is clipped where the scheduler config says so; eps_hat is not recomputed from the
-    clipped z0_hat (diffusers' DDIMScheduler.step default, use_clipped_model_output=False).
-    """
-    if model.clip_sample_range is not None:
-        z0 = z0.clamp(-model.clip_sample_range, model.clip_sample_range)
-    abar_prev = model.alphas_cumprod[timesteps[i + 1]] if i + 1 < len(timesteps) else model.final_alpha_cumprod()
-    return abar_prev.sqrt() * z0 + (1 - abar_prev).sqrt() * eps
-
-
 def ddim_generate(model, z_T, cond, guidance, owner, num_steps: int = 50) -> torch.Tensor:
-    """Deterministic DDIM from z_T; cond (n, L, D) or None, guidance (n,) scales. Returns z0."""
+    """Deterministic sampling (DDIM eta = 0, or Euler for flow matching) from z_T; cond (n, L, D) or None,
+    guidance (n,) scales. Returns z0."""
     timesteps = model.sampling_timesteps(num_steps)
     z = z_T
     for i, t in enumerate(timesteps):
         pred = guided_prediction(model, z, t, cond, guidance, owner)
-        z = ddim_step(model, timesteps, i, pred.eps, pred.z0)
+        z = model.sampler_step(timesteps, i, pred.eps, pred.z0)
     return z

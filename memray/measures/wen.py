@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from memray.measures import rng
-from memray.measures.sampling import ddim_step
 
 
 @dataclass(frozen=True)
@@ -38,8 +37,8 @@ def wen_screen(model, captions: list[str], generators, owner, config: WenConfig)
     """Screen B captioned images; d and its token gradients from the same UNet calls."""
     batch, g = len(captions), config.generations
     ids = model.token_ids(captions)
-    embeddings = model.vocabulary_embeddings.detach()[ids].clone().requires_grad_()
-    cond = model.encode_embeddings(embeddings).repeat_interleave(g, 0)
+    embeddings = model.token_embeddings(ids).detach().clone().requires_grad_()
+    cond = model.encode_embeddings(embeddings, ids, model.caption_context(captions)).repeat_interleave(g, 0)
     uncond = model.empty_condition(batch * g)
     owner_g = owner.repeat_interleave(g)
     z = rng.randn_per_image(generators, (g, *model.latent_shape)).flatten(0, 1)
@@ -55,7 +54,7 @@ def wen_screen(model, captions: list[str], generators, owner, config: WenConfig)
         distance = distance + (eps_c - eps_u).flatten(1).norm(dim=1)
         with torch.no_grad():
             eps = eps_u + config.guidance * (eps_c - eps_u)
-            z = ddim_step(model, timesteps, i, eps, z0_u + config.guidance * (z0_c - z0_u))
+            z = model.sampler_step(timesteps, i, eps, z0_u + config.guidance * (z0_c - z0_u))
     score = (distance / config.steps).reshape(batch, g).mean(1)
     score.sum().backward()
     token_norms = embeddings.grad.norm(dim=-1)

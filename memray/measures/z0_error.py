@@ -11,8 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from memray.measures.parameterization import noisy_sample
-
 
 @dataclass(frozen=True)
 class Z0ErrorConfig:
@@ -32,12 +30,12 @@ def z0_prediction_error(model, z0, eps, cond, timesteps, owner) -> torch.Tensor:
     total = torch.zeros(z0.shape[0], device=z0.device)
     for t in timesteps:
         t_n = t.expand(z0.shape[0])
-        pred = model.predict(noisy_sample(z0, eps, model.alphas_cumprod[t_n]), t_n, cond, owner)
+        pred = model.predict(model.noisy_sample(z0, eps, t_n), t_n, cond, owner)
         total = total + squared_error(pred.z0, z0)
     return total / len(timesteps)
 
 
 def sampled_z0_error(model, z0, eps, t, cond, owner) -> torch.Tensor:
     """Single-timestep estimate of L with per-sample t (the stochastic loss the inversions minimise)."""
-    pred = model.predict(noisy_sample(z0, eps, model.alphas_cumprod[t]), t, cond, owner)
+    pred = model.predict(model.noisy_sample(z0, eps, t), t, cond, owner)
     return squared_error(pred.z0, z0)

@@ -62,17 +62,38 @@ def load_model(
     return LoadedModel(adapter=adapter, ref=ref, slug=model_slug(ref, fingerprint), fingerprint=fingerprint)
 
 
+def adapter_classes() -> tuple[type[DiffusionAdapter], ...]:
+    """Every family memray supports, one adapter each."""
+    from memray.models.ddpm import PixelDDPMAdapter
+    from memray.models.ldm import LatentDiffusionAdapter
+    from memray.models.sd import StableDiffusionAdapter
+    from memray.models.sd3 import StableDiffusion3Adapter
+    from memray.models.sdxl import StableDiffusionXLAdapter
+
+    return (
+        StableDiffusionAdapter,
+        StableDiffusionXLAdapter,
+        StableDiffusion3Adapter,
+        LatentDiffusionAdapter,
+        PixelDDPMAdapter,
+    )
+
+
+def supported_pipelines() -> list[str]:
+    """The diffusers pipeline classes memray can audit."""
+    return sorted(p for family in adapter_classes() for p in family.pipelines)
+
+
 def adapter_class(path) -> type[DiffusionAdapter]:
     """The adapter family of a local checkpoint, from its pipeline class name (nothing is loaded)."""
-    from memray.models.ddpm import PixelDDPMAdapter
-    from memray.models.sd import StableDiffusionAdapter
-
     pipeline = pipeline_class_name(path)
-    for family in (StableDiffusionAdapter, PixelDDPMAdapter):
+    for family in adapter_classes():
         if pipeline in family.pipelines:
             return family
-    supported = sorted(StableDiffusionAdapter.pipelines | PixelDDPMAdapter.pipelines)
-    raise CheckpointError(f"{path}: pipeline {pipeline!r} has no memray adapter yet (supported: {supported})")
+    raise CheckpointError(
+        f"{path}: pipeline {pipeline!r} has no memray adapter yet; memray audits the pipelines "
+        f"{', '.join(supported_pipelines())}"
+    )
 
 
 def _load_scheduler(path, scheduler_base):
@@ -92,8 +113,10 @@ __all__ = [
     "CheckpointError",
     "DiffusionAdapter",
     "adapter_class",
+    "adapter_classes",
     "LoadedModel",
     "ModelCapabilityError",
     "Prediction",
     "load_model",
+    "supported_pipelines",
 ]

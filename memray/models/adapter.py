@@ -1,8 +1,9 @@
 """What every measure needs from a diffusion model, independent of its family.
 
-A family adapter (sd.py, ddpm.py) supplies the networks; this base supplies the schedule,
-the x0/eps conversion for the scheduler's prediction type, precision, and the count of UNet
-sample-evaluations (forward and backward separately) attributed to the image that asked.
+A family adapter (sd.py, sdxl.py, sd3.py, ldm.py, ddpm.py) supplies the networks; this base supplies
+the schedule (schedules.py: the forward process, the x0/eps conversion and the sampler), precision,
+and the count of network sample-evaluations (forward and backward separately) attributed to the
+image that asked. protocol.py writes down the interface the measures use.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from memray.measures.parameterization import PREDICTION_TYPES, eps_and_z0
+from memray.models.schedules import schedule_for
 
 
 class ModelCapabilityError(ValueError):
@@ -75,33 +76,22 @@ class EvalCounter:
 
 
 class DiffusionAdapter:
-    """Base of the family adapters: schedule, conversions, precision and evaluation counting."""
+    """Base of the family adapters (protocol.DiffusionModel): schedule, precision and evaluation counting."""
 
     family: str = "abstract"
     is_conditional: bool = False
+    kl_weight_delta: float = 1e-3  # InvMM's KL weight step for latent models (the reference's SD value)
 
     def __init__(self, unet: torch.nn.Module, scheduler, *, device: str | torch.device, autocast_dtype=None):
         self.unet = unet.to(device).eval().requires_grad_(False)
         self.scheduler = scheduler
         self.device = torch.device(device)
         self.autocast_dtype = autocast_dtype
-        prediction_type = scheduler.config.prediction_type
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
-                f"unknown prediction_type {prediction_type!r} in the scheduler config; memray supports {PREDICTION_TYPES}"
-            )
-        self.prediction_type = prediction_type
-        self.alphas_cumprod = scheduler.alphas_cumprod.to(device=self.device, dtype=torch.float32)
-        self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
+        self.schedule = schedule_for(scheduler, self.device)
+        self.prediction_type = self.schedule.prediction_type
+        self.clip_sample_range = self.schedule.clip_sample_range
+        self.num_train_timesteps = self.schedule.num_train_timesteps
         self.counter = EvalCounter()
-        self._sampling_timesteps: dict[int, torch.Tensor] = {}
-        if scheduler.config.get("thresholding", False):
-            raise ValueError(
-                "the scheduler config asks for dynamic thresholding, which memray's DDIM does not implement"
-            )
-        # Pixel DDPM configs usually clip z0_hat during sampling (diffusers' default); SD latents never do.
-        clip = scheduler.config.get("clip_sample", False)
-        self.clip_sample_range = float(scheduler.config.get("clip_sample_range", 1.0)) if clip else None
         self.max_batch = 64
 
     # -- implemented by families -------------------------------------------------------------
@@ -139,30 +129,27 @@ class DiffusionAdapter:
         chunks = []
         for start in range(0, z_t.shape[0], self.max_batch):
             part = slice(start, start + self.max_batch)
+            timestep = self.schedule.network_timestep(t[part])
             with self._autocast():
-                chunks.append(self._unet_output(z_t[part], t[part], None if cond is None else cond[part]).float())
+                chunks.append(self._unet_output(z_t[part], timestep, None if cond is None else cond[part]).float())
         output = torch.cat(chunks)
         self.counter.count_forward(owner)
         if output.requires_grad:
             output.register_hook(lambda grad: self.counter.count_backward(owner))
-        eps, z0 = eps_and_z0(output, z_t.float(), self.alphas_cumprod[t], self.prediction_type)
+        eps, z0 = self.schedule.eps_and_z0(output, z_t.float(), t)
         return Prediction(eps=eps, z0=z0)
 
+    def noisy_sample(self, z0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The forward process of the checkpoint's schedule at per-sample t."""
+        return self.schedule.noisy_sample(z0, eps, t)
+
     def sampling_timesteps(self, num_steps: int) -> torch.Tensor:
-        """The DDIM timesteps the checkpoint's scheduler config prescribes, first (noisiest) first."""
-        if num_steps not in self._sampling_timesteps:
-            from diffusers import DDIMScheduler
+        """The sampler's timesteps from the checkpoint's scheduler config, first (noisiest) first."""
+        return self.schedule.sampling_timesteps(num_steps)
 
-            ddim = DDIMScheduler.from_config(self.scheduler.config)
-            ddim.set_timesteps(num_steps)
-            self._sampling_timesteps[num_steps] = ddim.timesteps.to(self.device)
-        return self._sampling_timesteps[num_steps]
-
-    def final_alpha_cumprod(self) -> torch.Tensor:
-        """abar after the last DDIM step (1 where the scheduler sets alpha to one)."""
-        if self.scheduler.config.get("set_alpha_to_one", True):
-            return torch.ones((), device=self.device)
-        return self.alphas_cumprod[0]
+    def sampler_step(self, timesteps: torch.Tensor, i: int, eps: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
+        """The deterministic update from timesteps[i] (DDIM eta = 0; the Euler step for flow matching)."""
+        return self.schedule.step(timesteps, i, eps, z0)
 
     def measure_timesteps(self, count: int) -> torch.Tensor:
         """`count` uniformly spaced timesteps over [0, T) (bin midpoints), for estimating E_t."""

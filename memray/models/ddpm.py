@@ -11,6 +11,7 @@ class PixelDDPMAdapter(DiffusionAdapter):
 
     family = "ddpm"
     is_conditional = False
+    kl_weight_delta = 1e-4  # the reference's step for pixel DDPM (CIFAR-10)
     pipelines = frozenset({"DDPMPipeline", "DDIMPipeline"})
 
     @classmethod

@@ -144,6 +144,19 @@ def pipeline_class_name(path: Path) -> str:
     return index["_class_name"]
 
 
+def component_class_name(path: Path, name: str) -> str | None:
+    """The class model_index.json names for a component (None where the component is absent)."""
+    entry = _read_model_index(path).get(name)
+    if not (isinstance(entry, list) and len(entry) == 2):
+        return None
+    return entry[1]
+
+
+def pipeline_setting(path: Path, key: str, default):
+    """A pipeline option model_index.json records (e.g. SDXL's force_zeros_for_empty_prompt), or the default."""
+    return _read_model_index(path).get(key, default)
+
+
 def require_safe_weights(path: Path, *, allow_pickle: bool) -> None:
     """Refuse components whose only weights are pickles (unless pickle loading is explicitly allowed)
     and safetensors files whose header does not describe a whole file (truncated, corrupt)."""

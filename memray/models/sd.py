@@ -1,11 +1,34 @@
-"""Stable Diffusion 1.x / 2.x: VAE latents, a CLIP text encoder and a conditional UNet."""
+"""Stable Diffusion 1.x / 2.x: VAE latents, a CLIP text encoder and a conditional UNet.
+
+The text side is written for one or more CLIP encoders over one vocabulary (protocol.TextConditionedModel),
+so that SDXL (sdxl.py) and SD 3.x (sd3.py) differ from it only in how the encoders' outputs become a
+condition and how the denoiser takes it.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from memray.errors import CheckpointError
 from memray.models.adapter import DiffusionAdapter
+from memray.models.latents import LatentCodec
 from memray.models.loading import load_component
+
+
+def pack_pooled(hidden: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """Hidden states (n, L, D) and pooled embeddings (n, P <= D) as one condition (n, L + 1, D) (protocol.py)."""
+    if pooled.shape[-1] > hidden.shape[-1]:
+        # Real SDXL (1280 <= 2048) and SD 3.x (2048 <= 4096) configs fit; a checkpoint that does not is refused.
+        raise CheckpointError(
+            f"pooled text embeddings of width {pooled.shape[-1]} do not fit the condition width {hidden.shape[-1]}"
+        )
+    row = torch.nn.functional.pad(pooled, (0, hidden.shape[-1] - pooled.shape[-1]))
+    return torch.cat([hidden, row.unsqueeze(1)], dim=1)
+
+
+def unpack_pooled(cond: torch.Tensor, pooled_width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of pack_pooled: (hidden (n, L, D), pooled (n, P))."""
+    return cond[:, :-1], cond[:, -1, :pooled_width]
 
 
 class StableDiffusionAdapter(DiffusionAdapter):
@@ -26,44 +49,53 @@ class StableDiffusionAdapter(DiffusionAdapter):
         return cls(
             unet=load_component(path, "unet", UNet2DConditionModel, allow_pickle=allow_pickle),
             vae=load_component(path, "vae", AutoencoderKL, allow_pickle=allow_pickle),
-            text_encoder=load_component(path, "text_encoder", CLIPTextModel, allow_pickle=allow_pickle),
-            tokenizer=load_component(path, "tokenizer", AutoTokenizer, allow_pickle=allow_pickle),
+            text_encoders=[load_component(path, "text_encoder", CLIPTextModel, allow_pickle=allow_pickle)],
+            tokenizers=[load_component(path, "tokenizer", AutoTokenizer, allow_pickle=allow_pickle)],
             scheduler=scheduler,
             **options,
         )
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, *, device="cpu", autocast_dtype=None):
+    def __init__(self, unet, vae, text_encoders, tokenizers, scheduler, *, device="cpu", autocast_dtype=None):
         super().__init__(unet, scheduler, device=device, autocast_dtype=autocast_dtype)
-        self.vae = vae.to(device).eval().requires_grad_(False)
-        self.text_encoder = text_encoder.to(device).eval().requires_grad_(False)
-        self.tokenizer = tokenizer
-        self.scaling_factor = float(vae.config.scaling_factor)
-        self.shift_factor = float(vae.config.get("shift_factor") or 0.0)
-        vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.resolution = int(unet.config.sample_size) * vae_scale
-        self.latent_shape = (int(unet.config.in_channels), int(unet.config.sample_size), int(unet.config.sample_size))
-        self.max_length = int(tokenizer.model_max_length)
+        self.codec = LatentCodec(vae, self.device, self._autocast)
+        self.vae = self.codec.vae
+        self.text_encoders = [encoder.to(device).eval().requires_grad_(False) for encoder in text_encoders]
+        self.tokenizers = tokenizers
+        self.text_encoder, self.tokenizer = self.text_encoders[0], tokenizers[0]
+        for other in tokenizers[1:]:
+            # One prompt distribution feeds every encoder: their token ids must mean the same tokens.
+            if (
+                other.get_vocab() != self.tokenizer.get_vocab()
+                or other.model_max_length != self.tokenizer.model_max_length
+            ):
+                raise CheckpointError(
+                    "the checkpoint's CLIP tokenizers do not share one vocabulary and context length, "
+                    "which memray's joint prompt inversion over its text encoders needs"
+                )
+        size = int(unet.config.sample_size)
+        self.resolution = size * self.codec.downsampling
+        self.latent_shape = (int(unet.config.in_channels), size, size)
+        self.max_length = int(self.tokenizer.model_max_length)
         self.num_free_slots = self.max_length - 2  # between the start and the end token
-        self._empty_ids = self.token_ids([""])
+        tables = [encoder.get_input_embeddings().weight for encoder in self.text_encoders]
+        self.embedding_widths = [table.shape[1] for table in tables]
+        self._vocabulary = tables[0] if len(tables) == 1 else torch.cat(tables, dim=1)
         with torch.no_grad():
-            self._empty = self.encode_ids(self._empty_ids)
+            self._empty = self.encode_ids(self.token_ids([""]))
 
     # -- images ------------------------------------------------------------------------------
     def encode_images(self, pixels):
-        with torch.no_grad(), self._autocast():
-            mean = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mean
-        return (mean.float() - self.shift_factor) * self.scaling_factor
+        return self.codec.encode(pixels)
 
     def decode_latents(self, z0):
-        with torch.no_grad(), self._autocast():
-            pixels = self.vae.decode((z0 / self.scaling_factor + self.shift_factor).to(self.vae.dtype)).sample
-        return pixels.float().clamp(-1, 1)
+        return self.codec.decode(z0)
 
     # -- text --------------------------------------------------------------------------------
     @property
     def vocabulary_embeddings(self) -> torch.Tensor:
-        """V: the token embedding table (vocab, d) that soft prompts live next to."""
-        return self.text_encoder.get_input_embeddings().weight
+        """V: the token embedding table (vocab, d) that soft prompts live next to; with several
+        encoders, each token's rows side by side (vocab, d_1 + d_2 + ...)."""
+        return self._vocabulary
 
     def token_ids(self, prompts: list[str]) -> torch.Tensor:
         """Tokenize to fixed length: [start, tokens..., end, pad...]."""
@@ -76,25 +108,57 @@ class StableDiffusionAdapter(DiffusionAdapter):
         """Each prompt's tokens as they fill the free slots: (n, N) [tokens..., end, pad...]."""
         return self.token_ids(prompts)[:, 1 : self.num_free_slots + 1]
 
-    def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids (n, L) -> text-encoder hidden states phi(e) (n, L, D)."""
-        return self.text_encoder(input_ids=ids).last_hidden_state.float()
+    def _encoder_ids(self, k: int, ids: torch.Tensor) -> torch.Tensor:
+        """Ids in the first tokenizer's layout, padded as encoder k's tokenizer pads (SDXL's second: "!")."""
+        pad = self.tokenizers[k].pad_token_id
+        if pad == self.tokenizer.pad_token_id:
+            return ids
+        first_end = (ids == self.tokenizer.eos_token_id).int().argmax(1, keepdim=True)
+        after_end = torch.arange(ids.shape[1], device=ids.device) > first_end
+        return ids.masked_fill(after_end, pad)
 
-    def encode_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Token embeddings e (n, L, d) -> phi(e) (n, L, D), differentiable in e.
+    def token_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        """Full ids (n, L) -> their rows of vocabulary_embeddings, each encoder's own padding (n, L, d)."""
+        tables = [encoder.get_input_embeddings().weight for encoder in self.text_encoders]
+        return torch.cat([table[self._encoder_ids(k, ids)] for k, table in enumerate(tables)], dim=-1)
 
-        transformers 5's CLIPTextModel takes no inputs_embeds; replacing the token-embedding
-        output with a forward hook runs the real positional embeddings, mask and encoder.
+    def _encode(self, ids: torch.Tensor, embeddings: torch.Tensor | None, context) -> torch.Tensor:
+        """Run every text encoder on ids, with their token embeddings replaced where given; the condition.
+
+        transformers 5's CLIP text models take no inputs_embeds; replacing the token-embedding output
+        with a forward hook runs the real positional embeddings, mask, encoder and pooling (at the end token of ids).
         """
-        placeholder = self._empty_ids.expand(embeddings.shape[0], -1)
-        handle = self.text_encoder.get_input_embeddings().register_forward_hook(
-            lambda module, args, output: embeddings.to(output.dtype)
-        )
-        try:
-            with self._autocast():
-                return self.text_encoder(input_ids=placeholder).last_hidden_state.float()
-        finally:
-            handle.remove()
+        parts = [None] * len(self.text_encoders) if embeddings is None else embeddings.split(self.embedding_widths, -1)
+        outputs = []
+        for k, (encoder, part) in enumerate(zip(self.text_encoders, parts)):
+            handle = None
+            if part is not None:
+                handle = encoder.get_input_embeddings().register_forward_hook(
+                    lambda module, args, output, part=part: part.to(output.dtype)
+                )
+            try:
+                with self._autocast():
+                    outputs.append(encoder(input_ids=self._encoder_ids(k, ids), output_hidden_states=True))
+            finally:
+                if handle is not None:
+                    handle.remove()
+        return self._condition(outputs, context)
+
+    def _condition(self, outputs, context) -> torch.Tensor:
+        """The text encoders' outputs -> the UNet's condition: SD 1.x/2.x take the last hidden state."""
+        return outputs[0].last_hidden_state.float()
+
+    def caption_context(self, captions: list[str]) -> torch.Tensor | None:
+        """What of the condition the captions fix rather than the prompt: nothing for SD 1.x/2.x and SDXL."""
+        return None
+
+    def encode_ids(self, ids: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (n, L) -> text-encoder condition phi(e) (n, L, D), with each row's caption context."""
+        return self._encode(ids, None, context)
+
+    def encode_embeddings(self, embeddings: torch.Tensor, ids: torch.Tensor, context=None) -> torch.Tensor:
+        """Token embeddings e (n, L, d) laid out like ids (n, L) -> phi(e), differentiable in e."""
+        return self._encode(ids, embeddings, context)
 
     def prompt_ids(self, free_ids: torch.Tensor) -> torch.Tensor:
         """Free-slot token ids (n, N) -> full sequence [start, ids..., end, pad...] (n, L)."""
@@ -110,9 +174,7 @@ class StableDiffusionAdapter(DiffusionAdapter):
     def prompt_embeddings(self, free: torch.Tensor) -> torch.Tensor:
         """Free-slot embeddings (n, N, d) -> full sequence [start, free..., end, pad...] (n, L, d)."""
         n, slots, _ = free.shape
-        template = self.vocabulary_embeddings[
-            self.prompt_ids(torch.zeros(1, slots, dtype=torch.long, device=self.device))
-        ]
+        template = self.token_embeddings(self.prompt_ids(torch.zeros(1, slots, dtype=torch.long, device=self.device)))
         fixed = template.expand(n, -1, -1)
         return torch.cat([fixed[:, :1], free.to(fixed.dtype), fixed[:, slots + 1 :]], dim=1)
 
