@@ -167,10 +167,28 @@ def step_and_check_seconds(model, config, slots: int, steps: int) -> tuple[float
     return step, timed(check, model.device, 1)
 
 
+def checks_until(config, steps: int) -> int:
+    """Success checks an image that never replicates meets in `steps` steps (and at the start)."""
+    return steps // config.check_every + int(config.check_at_start)
+
+
+def failing_check_forwards(config, conditional: bool) -> int:
+    """UNet forwards of a failing check: the first noise at every scale (the gate's steps where it decides)."""
+    scales = config.guidance_scales if conditional else (1.0,)
+    steps = config.gate_steps or config.sampling_steps
+    return steps * sum(1 if g == 1 else 2 for g in scales)
+
+
 def images_per_hour(config, step: float, check: float, slots: int, steps: int) -> float:
-    """Images per hour for images that never replicate and stop after `steps` steps (checks every check_every)."""
-    checks = steps // config.check_every + int(config.check_at_start)
-    return 3600 * slots / (steps * step + checks * check)
+    """Images per hour of `slots` images that never replicate and stop after `steps` steps, from measured times."""
+    return 3600 * slots / (steps * step + checks_until(config, steps) * check)
+
+
+def unet_images_per_hour(config, conditional: bool, forward: float, both: float, steps: int) -> float:
+    """The same from the UNet's sample-evaluation rates alone (forward, forward+backward per second)."""
+    seconds = steps * config.samples_per_step / both
+    seconds += checks_until(config, steps) * failing_check_forwards(config, conditional) / forward
+    return 3600 / seconds
 
 
 def peak_tflops(device: torch.device, precision: str) -> float | None:
@@ -190,11 +208,9 @@ def report_architecture(arch: str, args) -> list[str]:
     built = time.perf_counter() - started
     default = AuditConfig().invmm
     reference = dataclasses.replace(default, early_stop=False, gate_steps=0)  # the reference protocol
-    n = args.slots * reference.samples_per_step
+    n = args.batch or args.slots * reference.samples_per_step
     forward_flops, both_flops = flops_per_sample(model, min(n, 2))
     forward, both = unet_throughput(model, n, args.repeats)
-    step, check = step_and_check_seconds(model, reference, args.slots, args.steps)
-    _, gated_check = step_and_check_seconds(model, default, args.slots, 1) if default.gate_steps else (None, check)
     achieved = both * both_flops / 1e12
     peak = args.peak_tflops or peak_tflops(device, args.precision)
     mfu = f"{achieved / peak:.1%}" if peak else "-"
@@ -210,13 +226,23 @@ def report_architecture(arch: str, args) -> list[str]:
         f"  GFLOP per sample-evaluation: forward {forward_flops / 1e9:.1f}, forward+backward {both_flops / 1e9:.1f}; "
         f"achieved {achieved:.2f} TFLOP/s in the InvMM step shape, model-FLOP utilisation {mfu}"
         + (f" of {peak:.0f} TFLOP/s" if peak else ""),
-        f"  InvMM step ({args.slots} images x {reference.samples_per_step} samples): {step * 1e3:.0f} ms; "
-        f"one failing check: {check * 1e3:.0f} ms full"
-        + (f", {gated_check * 1e3:.0f} ms gated" if default.gate_steps else ""),
-        f"  images/h (never replicating): reference protocol ({reference.steps} steps) {images_per_hour(reference, step, check, args.slots, reference.steps):.2f}; "
-        f"memray default (stopped at {default.stop_after} steps) {images_per_hour(default, step, gated_check, args.slots, default.stop_after):.1f}",
-        f"  peak memory {peak_memory_gib(device):.1f} GiB",
+        f"  images/h from UNet time (an image that never replicates): reference protocol "
+        f"{unet_images_per_hour(reference, model.is_conditional, forward, both, reference.steps):.2f}, "
+        f"memray default {unet_images_per_hour(default, model.is_conditional, forward, both, default.stop_after):.1f} "
+        f"(stopped at {default.stop_after} steps)",
+        f"  peak memory after the UNet lines {peak_memory_gib(device):.1f} GiB",
     ]
+    if not args.unet_only:
+        step, check = step_and_check_seconds(model, reference, args.slots, args.steps)
+        gated = step_and_check_seconds(model, default, args.slots, 1)[1] if default.gate_steps else check
+        lines += [
+            f"  InvMM loop: one step of {args.slots} images x {reference.samples_per_step} samples {step * 1e3:.0f} ms, "
+            f"one failing check {check * 1e3:.0f} ms"
+            + (f" ({gated * 1e3:.0f} ms gated)" if default.gate_steps else ""),
+            f"  images/h measured on the loop: reference protocol {images_per_hour(reference, step, check, args.slots, reference.steps):.2f}, "
+            f"memray default {images_per_hour(default, step, gated, args.slots, default.stop_after):.1f}",
+            f"  peak memory after the InvMM loop {peak_memory_gib(device):.1f} GiB",
+        ]
     if args.ratio and arch == args.ratio_arch:
         lines += batched_ratio(model, args)
     del model
@@ -246,6 +272,10 @@ def main(argv=None) -> int:
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3, help="InvMM steps timed per measurement")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--batch", type=int, help="UNet batch for the throughput lines (default: slots x samples_per_step)"
+    )
+    parser.add_argument("--unet-only", action="store_true", help="only the UNet lines (real-size networks on a CPU)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--peak-tflops", type=float, help="the device's peak, where PEAK_TFLOPS does not know it")
     parser.add_argument("--ratio", action="store_true", help="batched vs one image at a time")

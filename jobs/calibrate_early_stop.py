@@ -1,7 +1,8 @@
 """Calibrate InvMM's early stop and check gate against full-budget runs on a demo model.
 
-    python jobs/calibrate_early_stop.py collect --steps 400 --out traces.json    # full budget, every check traced
+    python jobs/calibrate_early_stop.py collect --steps 300 --out traces.json    # full budget, every check traced
     python jobs/calibrate_early_stop.py analyze traces.json                      # agreement and cost per rule
+    python jobs/calibrate_early_stop.py confirm --traces traces.json             # the defaults, run for real
 
 `collect` audits the demo set (InvMM and the unconditional rate, caption known and prompt
 unknown) with the early stop off and the gate computed at every check but never skipping the full
@@ -9,7 +10,10 @@ check, and keeps each image's check trace (invmm.TRACE_COLUMNS), its bar and nul
 verdict and its UNet evaluations. Because an image's result does not depend on the others, the
 run under any stopping rule is the full run cut at the check where the rule fires: `analyze`
 replays every rule on the traces, exactly, and prints the verdict agreement with the full budget
-and the UNet evaluations per image against the reference protocol's.
+and the UNet evaluations per image against the reference protocol's. `confirm` runs the engine
+itself with memray's defaults (early stop and gate on) on the whole set as one queue in `--slots`
+slots: its verdicts against the traces' full runs, its evaluations, and the share of slots kept
+busy; with `--against fp32` (on a GPU) it runs again in fp32 and compares the verdicts.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from benchmark_demo import BUDGETS, classes, load_demo_set  # noqa: E402
 from memray.config import AuditConfig, apply_overrides  # noqa: E402
 
 GATE_STEPS = 5
+RULE_SETTINGS = ("early_stop", "stop_after", "stop_gap", "gate_steps", "gate_margin")
 
 
 def collect(args) -> None:
@@ -45,10 +50,8 @@ def collect(args) -> None:
     manifest = Path(args.manifest) if args.manifest else trained_demo_manifest()
     loaded = load_model(args.model or str(trained_demo_model()))
     records = load_demo_set(manifest)
-    budget = {**BUDGETS["cpu"]["invmm"], "steps": args.steps, "early_stop": False}
-    budget |= {"gate_steps": GATE_STEPS, "gate_margin": 1e9}  # the gate traced, never deciding
-    config = AuditConfig(measures=("invmm", "uncond_replication"))
-    config = config.replace(invmm=budget, similarity=BUDGETS["cpu"]["similarity"])
+    # the gate traced at every check, never deciding
+    config = demo_config(args.steps, early_stop=False, gate_steps=GATE_STEPS, gate_margin=1e9)
     config = apply_overrides(config, args.set or [])
     model_null_bank(loaded, config)
     out = {"config": json.loads(config.to_json()), "settings": {}}
@@ -69,6 +72,125 @@ def collect(args) -> None:
     out["records"] = [{k: v for k, v in r.items() if k != "data"} for r in records]
     Path(args.out).write_text(json.dumps(out))
     print(f"wrote {args.out}")
+
+
+def demo_config(steps: int, **invmm) -> AuditConfig:
+    """InvMM and the unconditional rate at the CPU budget's checks, `steps` steps, other InvMM settings as given."""
+    config = AuditConfig(measures=("invmm", "uncond_replication"))
+    return config.replace(
+        invmm={**BUDGETS["cpu"]["invmm"], "steps": steps, **invmm}, similarity=BUDGETS["cpu"]["similarity"]
+    )
+
+
+def run_engine(loaded, records, config: AuditConfig, with_caption: bool, slots: int):
+    """InvMM on every record in one queue of `slots` slots, as an actor runs it: (result, rows, seconds).
+
+    The rows carry what the verdict reads: InvMM's columns and the unconditional rate.
+    """
+    import time
+
+    import torch
+
+    from memray.auditing.measures import Batch
+    from memray.auditing.runner import config_targets, model_null_bank
+    from memray.auditing.verdict import decide
+    from memray.catalog.schema import AuditRow
+    from memray.data.images import decode_image, to_model_tensor
+    from memray.measures.invmm import invmm
+
+    model = loaded.adapter
+    pixels = torch.stack([to_model_tensor(decode_image(r["data"]), model.resolution) for r in records])
+    z0 = model.encode_images(pixels.to(model.device))
+    similarity, targets = config_targets(model, config, z0, model_null_bank(loaded, config))
+    batch = Batch(
+        model=model,
+        config=config,
+        ids=[r["id"] for r in records],
+        captions=[r["caption"] if with_caption else None for r in records],
+        z0=z0,
+        owner=torch.arange(len(records), device=model.device),
+        rows=[],
+    )
+    every = list(range(len(records)))
+    model.counter.reset(len(records))
+    started = time.perf_counter()
+    result = invmm(
+        model,
+        z0,
+        batch.gens("invmm", every),
+        batch.owner,
+        config.invmm,
+        similarity,
+        targets,
+        start_ids=batch.caption_start(every, config.invmm.prompt_init),
+        context=batch.caption_context(every),
+        slots=slots,
+    )
+    seconds = time.perf_counter() - started
+    rows = []
+    for i, record in enumerate(records):
+        replicated = bool(result.replicated[i])
+        row = AuditRow(
+            image_id=record["id"],
+            invmm_replicated=replicated,
+            invmm_kl_nats=float(result.kl_nats[i]) if replicated else None,
+            invmm_steps=int(result.steps[i]),
+            uncond_replication_rate=float(targets.bank_replicas[i]),
+            unet_forwards=int(model.counter.forwards[i]),
+            unet_backwards=int(model.counter.backwards[i]),
+        )
+        row.verdict = decide(row, config.verdict)[0]
+        rows.append(row)
+    return result, rows, seconds
+
+
+def confirm(args) -> None:
+    """The defaults run for real against the traces' full runs (module docstring)."""
+    import torch
+
+    from memray.demo import trained_demo_manifest, trained_demo_model
+    from memray.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    manifest = Path(args.manifest) if args.manifest else trained_demo_manifest()
+    records = load_demo_set(manifest)
+    full = json.loads(Path(args.traces).read_text()) if args.traces else None
+    steps = full["config"]["invmm"]["steps"] if full else args.steps
+    config = demo_config(steps)  # InvMMConfig's defaults for the early stop and the gate
+    print(f"defaults: {json.dumps({k: getattr(config.invmm, k) for k in RULE_SETTINGS})}, {args.slots} slots")
+    for setting in args.settings:
+        outcome = {}
+        for precision in [args.precision, *([args.against] if args.against else [])]:
+            loaded = load_model(args.model or str(trained_demo_model()), device=args.device, precision=precision)
+            outcome[precision] = run_engine(loaded, records, config, setting == "caption", args.slots)
+        result, rows, seconds = outcome[args.precision]
+        evals = np.mean([r.unet_forwards + r.unet_backwards for r in rows])
+        stops = {reason: result.stop_reason.count(reason) for reason in sorted(set(result.stop_reason))}
+        print(
+            f"\n{setting}: {len(rows)} images in {args.slots} slots, {seconds:.0f} s; {result.busy:.1%} of slots busy; "
+            f"{evals:.0f} UNet evaluations/image ({evals / sum(reference_cost()):.3f} of the reference protocol's); stops {stops}"
+        )
+        positive, _, _ = classes(records)
+        memorized = [r.image_id for r in rows if r.verdict == "memorized"]
+        print(
+            f"  memorized: {len(memorized)} (positives {sum(p for p, r in zip(positive, rows) if r.verdict == 'memorized')}/{positive.sum()})"
+        )
+        if full:
+            by_id = {e["row"]["image_id"]: e["row"] for e in full["settings"][setting]}
+            reference = [verdict(by_id[r.image_id], by_id[r.image_id]["invmm_replicated"]) for r in rows]
+            same = [a == r.verdict for a, r in zip(reference, rows)]
+            print(
+                f"  verdicts as the full {steps}-step run: {sum(same)}/{len(same)}",
+                [r.image_id for r, ok in zip(rows, same) if not ok] or "",
+            )
+        if args.against:
+            other = outcome[args.against][1]
+            same = [a.verdict == b.verdict for a, b in zip(rows, other)]
+            print(
+                f"  verdicts {args.precision} as {args.against}: {sum(same)}/{len(same)}",
+                [a.image_id for a, ok in zip(rows, same) if not ok] or "",
+            )
 
 
 def check_cost(invmm: dict, steps: int, conditional: bool = True) -> int:
@@ -165,12 +287,23 @@ def main(argv=None) -> int:
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--set", action="append")
     c.add_argument("--out", default="traces.json")
+    f = sub.add_parser("confirm")
+    f.add_argument("--traces", help="the full runs to compare with (collect's output)")
+    f.add_argument("--steps", type=int, default=300, help="the InvMM budget where there are no traces")
+    f.add_argument("--settings", nargs="+", default=["caption", "unknown"], choices=["caption", "unknown"])
+    f.add_argument("--model")
+    f.add_argument("--manifest")
+    f.add_argument("--slots", type=int, default=8)
+    f.add_argument("--device")
+    f.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    f.add_argument("--against", choices=["fp32", "bf16"], help="run again in this precision and compare verdicts")
+    f.add_argument("--threads", type=int)
     a = sub.add_parser("analyze")
     a.add_argument("traces")
     a.add_argument("--after", type=int, nargs="+", default=[25, 50, 100, 200])
     a.add_argument("--gap", type=float, nargs="+", default=[0.0, 0.02, 0.05, 0.1, math.inf])
     args = parser.parse_args(argv)
-    collect(args) if args.command == "collect" else analyze(args)
+    {"collect": collect, "analyze": analyze, "confirm": confirm}[args.command](args)
     return 0
 
 

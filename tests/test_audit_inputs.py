@@ -283,6 +283,12 @@ RULE = VerdictConfig()  # invmm_rate_min 0.001, shift_sd_memorized 10, shift_sd_
         ),
         (dict(invmm_replicated=False, invmm_steps=2000), "not_memorized", "InvMM never replicated in 2000 steps"),
         (
+            dict(invmm_replicated=False, invmm_steps=150, invmm_stop_reason="early_stop"),
+            "not_memorized",
+            "InvMM stopped early at 150 steps: its checks stayed too far under the bar to replicate within the "
+            "budget (the calibrated early stop; censored)",
+        ),
+        (
             dict(invmm_replicated=False, invmm_steps=2000, wasserstein_shift_sd=5.0),
             "not_memorized",
             "InvMM never replicated in 2000 steps",

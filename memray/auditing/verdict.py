@@ -45,6 +45,11 @@ def decide(row: AuditRow, rule) -> tuple[str, str]:
                 "inconclusive",
                 f"InvMM never replicated, but the error shift is {shift:.3g} sd >= {rule.shift_sd_memorized}",
             )
+        if row.invmm_stop_reason == "early_stop":
+            return "not_memorized", (
+                f"InvMM stopped early at {row.invmm_steps} steps: its checks stayed too far under the bar "
+                "to replicate within the budget (the calibrated early stop; censored)"
+            )
         return "not_memorized", f"InvMM never replicated in {row.invmm_steps} steps"
     if rate:
         return (
