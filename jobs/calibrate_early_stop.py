@@ -34,7 +34,7 @@ from benchmark_demo import BUDGETS, classes, load_demo_set  # noqa: E402
 from memray.config import AuditConfig, apply_overrides  # noqa: E402
 
 GATE_STEPS = 5
-RULE_SETTINGS = ("early_stop", "stop_after", "stop_gap", "gate_steps", "gate_margin")
+RULE_SETTINGS = ("early_stop", "stop_after", "stop_progress", "gate_steps", "gate_margin")
 
 
 def collect(args) -> None:
@@ -237,12 +237,56 @@ def verdict(row: dict, replicated: bool) -> str:
 
 
 def gap_rule(after: int, gap: float):
-    """Stop at the first check from `after` steps on whose best similarity so far is `gap` under the bar."""
+    """The alternative in similarity units: stop at the first check from `after` steps on whose best
+    similarity so far is `gap` under the bar (it does not carry over between kinds of similarity)."""
 
     def rule(trace, row):
         best = np.maximum.accumulate(np.nan_to_num(trace[:, 2], nan=-np.inf))
         late = (trace[:, 0] >= after) & (best < row["replication_threshold"] - gap)
         return int(np.argmax(late)) if late.any() else None
+
+    return rule
+
+
+def gate_lines(entries, invmm: dict, margins) -> str:
+    """How the gate's few-step similarity tracks the full check, and what each margin would skip."""
+    rows = [(np.array(e["trace"]).reshape(-1, 4), e["row"]) for e in entries]
+    # the checks that replicated: the last check of each replicated image (a gate must never skip one)
+    hits = [row["replication_threshold"] - trace[-1, 3] for trace, row in rows if row["invmm_replicated"]]
+    checks = np.concatenate([row["replication_threshold"] - trace[:, 3] for trace, row in rows])
+    full_cost = check_cost(invmm, invmm["sampling_steps"])
+    gate_cost = check_cost(invmm, GATE_STEPS)
+    lines = [
+        f"  gate ({GATE_STEPS} DDIM steps): bar - gate similarity at the {len(hits)} replicating checks: "
+        + ", ".join(f"{h:.3f}" for h in sorted(hits, reverse=True))
+    ]
+    for margin in margins:
+        skipped = np.mean(checks > margin)
+        missed = sum(h > margin for h in hits)
+        cost = gate_cost + (1 - skipped) * full_cost
+        lines.append(
+            f"  gate margin {margin:5.2f}: skips {skipped:6.1%} of full checks, misses {missed} replications; "
+            f"a failing check costs {cost:.0f} forwards instead of {full_cost}"
+        )
+    return "\n".join(lines)
+
+
+def null_level(row: dict) -> float:
+    """The higher of the image's two nulls (0 where neither was measured)."""
+    nulls = [v for v in (row["null_content_similarity"], row["null_model_similarity"]) if v is not None]
+    return max(nulls, default=0.0)
+
+
+def progress_rule(after: int, share: float):
+    """memray's early stop (invmm.out_of_reach) with `stop_after` = after and `stop_progress` = share."""
+    from memray.measures.invmm import InvMMConfig, out_of_reach
+
+    config = InvMMConfig(stop_after=after, stop_progress=share)
+
+    def rule(trace, row):
+        bar, null = row["replication_threshold"], null_level(row)
+        fired = [j for j in range(len(trace)) if out_of_reach(trace[: j + 1], bar, null, config)]
+        return fired[0] if fired else None
 
     return rule
 
@@ -261,17 +305,23 @@ def analyze(args) -> None:
             f"\n{setting}: {len(entries)} images, full budget {invmm['steps']} steps, {full_cost:.0f} evaluations/image"
         )
         print(f"  {'rule':28s} {'agree':>6s} {'memorized kept':>15s} {'evals/img':>10s} {'of ref':>7s} {'of full':>8s}")
-        for after, gap in itertools.product(args.after, args.gap):
-            outcomes = [replay(e, invmm, gap_rule(after, gap)) for e in entries]
+        rules = [(f"after {a:4d} gap {g:5.2f}", gap_rule(a, g)) for a, g in itertools.product(args.after, args.gap)]
+        rules += [
+            (f"after {a:4d} progress {p:4.2f}", progress_rule(a, p))
+            for a, p in itertools.product(args.after, args.progress)
+        ]
+        for name, rule in rules:
+            outcomes = [replay(e, invmm, rule) for e in entries]
             verdicts = [verdict(e["row"], r) for e, (r, _, _) in zip(entries, outcomes)]
             agree = np.mean([a == b for a, b in zip(verdicts, full)])
             kept = sum(a == b == "memorized" for a, b in zip(verdicts, full))
             evals = np.mean([f + b for _, f, b in outcomes])
             print(
-                f"  after {after:4d} gap {gap:5.2f}          {agree:6.1%} {kept:>7d}/{full.count('memorized'):<7d} "
+                f"  {name:28s} {agree:6.1%} {kept:>7d}/{full.count('memorized'):<7d} "
                 f"{evals:10.0f} {evals / (ref_f + ref_b):7.3f} {evals / full_cost:8.3f}"
             )
         del positive, negative
+        print(gate_lines(entries, invmm, args.gate_margin))
 
 
 def main(argv=None) -> int:
@@ -302,6 +352,8 @@ def main(argv=None) -> int:
     a.add_argument("traces")
     a.add_argument("--after", type=int, nargs="+", default=[25, 50, 100, 200])
     a.add_argument("--gap", type=float, nargs="+", default=[0.0, 0.02, 0.05, 0.1, math.inf])
+    a.add_argument("--progress", type=float, nargs="+", default=[0.0, 0.25, 0.5])
+    a.add_argument("--gate-margin", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.2])
     args = parser.parse_args(argv)
     {"collect": collect, "analyze": analyze, "confirm": confirm}[args.command](args)
     return 0

@@ -12,7 +12,7 @@ from pathlib import Path
 from memray.errors import USAGE_ERRORS, ConfigError
 from memray.formatting import format_value
 
-PRESET_NAMES = ("quick", "reference")  # memray.config.PRESETS, named here so --help needs no torch
+PRESET_NAMES = ("default", "quick", "reference")  # memray.config.PRESETS, named here so --help needs no torch
 
 # Everything else is imported by the command that needs it: `memray --help` and `memray query`
 # never load torch.
@@ -65,8 +65,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--preset",
         choices=PRESET_NAMES,
-        default="reference",
-        help="base configuration (default: reference hyperparameters)",
+        default="default",
+        help="base configuration: default (reference hyperparameters with the calibrated early stop), reference (the reference protocol: no early stop), quick",
     )
     parser.add_argument(
         "--set", action="append", metavar="SECTION.KEY=VALUE", help="override one setting, e.g. --set invmm.steps=500"
@@ -457,7 +457,7 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("config", help="print the effective configuration and its hash")
     p.add_argument("--config")
-    p.add_argument("--preset", choices=PRESET_NAMES, default="reference")
+    p.add_argument("--preset", choices=PRESET_NAMES, default="default")
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("compare", help="per-image changes between two audited models; exit 1 on regressions")

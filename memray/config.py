@@ -336,7 +336,12 @@ def quick_config() -> AuditConfig:
     )
 
 
-PRESETS = {"reference": AuditConfig, "quick": quick_config}
+def reference_protocol_config() -> AuditConfig:
+    """The reference protocol: memray's defaults without the early stop (every image runs its whole budget)."""
+    return AuditConfig().replace(invmm={"early_stop": False, "gate_steps": 0})
+
+
+PRESETS = {"default": AuditConfig, "reference": reference_protocol_config, "quick": quick_config}
 
 
 def preset_config(name: str) -> AuditConfig:

@@ -55,7 +55,7 @@ def test_one_slot_and_all_slots_give_the_same_results(tiny_ddpm):
 
 def test_the_early_stop_censors_an_image_out_of_reach_and_charges_only_what_ran(tiny_sd):
     model = tiny_sd.adapter
-    cfg = dataclasses.replace(TINY_INVMM, steps=8, early_stop=True, stop_after=4, stop_gap=0.0)
+    cfg = dataclasses.replace(TINY_INVMM, steps=8, early_stop=True, stop_after=4, stop_progress=0.0)
     z0 = image_z0(model, [97, 98])
     result = run_invmm(model, z0, ["s0", "s1"], NEVER, config=cfg)
     s = cfg.samples_per_step
@@ -76,15 +76,16 @@ def test_the_early_stop_censors_an_image_out_of_reach_and_charges_only_what_ran(
     )  # same run until the stop (1 vs 2 images)
 
 
-def test_out_of_reach_needs_the_steps_and_the_gap():
-    cfg = dataclasses.replace(TINY_INVMM, stop_after=50, stop_gap=0.1)
+def test_out_of_reach_needs_the_steps_and_too_little_progress_from_the_null_to_the_bar():
+    cfg = dataclasses.replace(TINY_INVMM, stop_after=50, stop_progress=0.25)
     trace = np.array([[0, 0.0, 0.5, np.nan], [25, 3.0, 0.6, np.nan], [50, 9.0, 0.55, np.nan]])
-    assert out_of_reach(trace, bar=0.71, config=cfg)  # best 0.6 < 0.71 - 0.1
-    assert not out_of_reach(trace, bar=0.69, config=cfg)  # best 0.6 is within the gap
-    assert not out_of_reach(trace[:2], bar=0.71, config=cfg)  # only 25 steps run
+    assert out_of_reach(trace, bar=1.0, null=0.5, config=cfg)  # best 0.6: 20% of the way from 0.5 to 1.0
+    assert not out_of_reach(trace, bar=0.8, null=0.5, config=cfg)  # a third of the way to 0.8: kept
+    assert not out_of_reach(trace[:2], bar=1.0, null=0.5, config=cfg)  # only 25 steps run
+    assert not out_of_reach(trace, bar=0.5, null=0.6, config=cfg)  # a bar under its null: no way to measure
     unchecked = trace.copy()
     unchecked[:, 2] = np.nan  # every full check skipped by the gate: nothing says it is close
-    assert out_of_reach(unchecked, bar=0.71, config=cfg)
+    assert out_of_reach(unchecked, bar=1.0, null=0.5, config=cfg)
 
 
 @pytest.mark.parametrize("margin, full_checks", [(0.0, False), (1e9, True)])

@@ -60,10 +60,11 @@ class InvMMConfig:
     prompt_init_weight: float = 0.9  # share of each slot's expected token mix on the caption's token at the start
     prompt_lr: float | None = None  # Adam lr of the token logits; None: lr
     aligned_start: bool = False  # check from z_T = forward(z0, eps) instead of eps (mixes the target into the start)
-    early_stop: bool = False  # stop an image whose checks stay far under its bar (out_of_reach)
-    stop_after: int = 100  # the early stop waits this many steps of an image's own
-    stop_gap: float = 0.1  # ... and stops when its best check similarity stays this far under the bar
-    gate_steps: int = 0  # > 0: a DDIM of this many steps on the first noise gates the full check
+    # The early stop (out_of_reach), calibrated on full-budget runs (docs/throughput.md); false: the reference
+    early_stop: bool = True
+    stop_after: int = 100  # it waits this many steps of the image's own
+    stop_progress: float = 0.25  # ... then stops an image whose checks covered less of the way from null to bar
+    gate_steps: int = 0  # > 0: a DDIM of this many steps on the first noise gates the full check (off: see docs)
     gate_margin: float = 0.1  # the full check runs where the gate's similarity is within this of the bar
 
 
@@ -147,16 +148,20 @@ class _PromptDistribution:
         return self.model.encode_ids(self.model.prompt_ids(ids), self._context(images)), self.model.decode_tokens(ids)
 
 
-def out_of_reach(trace: np.ndarray, bar: float, config: InvMMConfig) -> bool:
-    """The early stop: from `stop_after` steps on, the best check similarity so far is `stop_gap` under the bar.
+def out_of_reach(trace: np.ndarray, bar: float, null: float, config: InvMMConfig) -> bool:
+    """The early stop: after `stop_after` steps, the best check so far covered less than `stop_progress`
+    of the way from the image's null level to its bar: (best - null) / (bar - null) < stop_progress.
 
-    `trace` holds the image's checks so far (TRACE_COLUMNS). Calibrated against full-budget runs
-    (docs/science.md, "early stop"); a stopped image is censored, like one that ran out of budget.
+    `trace` holds the image's checks so far (TRACE_COLUMNS); `null` is the higher of its nulls (the
+    similarity an unrelated generation reaches), so the rule reads the same for every kind of
+    similarity. Calibrated against full-budget runs (docs/throughput.md); a stopped image is
+    censored, like one that ran out of budget.
     """
     steps, similarity = trace[:, 0], trace[:, 2]
-    if steps[-1] < config.stop_after:
+    if steps[-1] < config.stop_after or not bar > null:
         return False
-    return bool(np.nanmax(similarity, initial=-np.inf) < bar - config.stop_gap)
+    best = np.nanmax(similarity, initial=-np.inf)
+    return bool((best - null) / (bar - null) < config.stop_progress)
 
 
 class _Outputs:
@@ -208,6 +213,8 @@ def invmm(
     n_slots = min(slots or batch, batch)
     delta = config.kl_weight_delta if config.kl_weight_delta is not None else model.kl_weight_delta
     bars = targets.threshold.cpu()
+    nulls = torch.stack([targets.content_null, targets.model_null]).cpu().nan_to_num(nan=-torch.inf).amax(0)
+    nulls = torch.where(nulls.isinf(), torch.zeros_like(nulls), nulls)  # no null measured: 0
     mu = torch.zeros(n_slots, *z0.shape[1:], device=device)
     log_var = torch.zeros_like(mu)
     opt_mu, opt_lv = RowAdam(mu), RowAdam(log_var)
@@ -311,7 +318,7 @@ def invmm(
             hopeless = [
                 k
                 for k, i in enumerate(cpu_images.tolist())
-                if not found[k] and out_of_reach(np.array(out.trace[i]), float(bars[i]), config)
+                if not found[k] and out_of_reach(np.array(out.trace[i]), float(bars[i]), float(nulls[i]), config)
             ]
             finish(rows[torch.tensor(hopeless, dtype=torch.long, device=device)], "early_stop")
 
