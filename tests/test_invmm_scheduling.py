@@ -69,6 +69,8 @@ def test_the_early_stop_censors_an_image_out_of_reach_and_charges_only_what_ran(
     assert result.trace[0].shape == (checks, len(TRACE_COLUMNS))
     np.testing.assert_array_equal(result.trace[0][:, 0], [0, 2, 4])
 
+    at_the_end = run_invmm(model, z0[:1], ["s0"], NEVER, config=dataclasses.replace(cfg, steps=cfg.stop_after))
+    assert at_the_end.stop_reason == ["budget"]  # its last step: the budget ended it, not the early stop
     off = run_invmm(model, z0[:1], ["s0"], NEVER, config=dataclasses.replace(cfg, early_stop=False))
     assert off.stop_reason == ["budget"] and off.steps[0] == cfg.steps
     np.testing.assert_allclose(

@@ -314,11 +314,14 @@ def invmm(
                 again = replicates(images[hits], noises[hits.to(device)], readable_cond, config.sampling_steps)
                 out.prompt_replicated[hit_images] = again.replicated
             finish(rows[hits.to(device)], "replicated")
-        if config.early_stop:
+        if config.early_stop:  # an image at its last step ran its budget: that is no early stop
+            left = (own_steps[rows] < config.steps).cpu()
             hopeless = [
                 k
                 for k, i in enumerate(cpu_images.tolist())
-                if not found[k] and out_of_reach(np.array(out.trace[i]), float(bars[i]), float(nulls[i]), config)
+                if left[k]
+                and not found[k]
+                and out_of_reach(np.array(out.trace[i]), float(bars[i]), float(nulls[i]), config)
             ]
             finish(rows[torch.tensor(hopeless, dtype=torch.long, device=device)], "early_stop")
 
