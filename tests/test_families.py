@@ -14,7 +14,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import png_bytes, tiny_budgets, tiny_flags
-from test_invariants import MarkedSimilarity, assert_invmm_rows_equal, image_z0, run_invmm
+from test_invariants import (
+    MarkedSimilarity,
+    assert_invmm_rows_equal,
+    assert_z0_error_counts_n_times_k_evaluations_per_owner,
+    image_z0,
+    run_invmm,
+)
 
 from memray.auditing.runner import audit_batch
 from memray.catalog.reader import Catalog
@@ -26,7 +32,7 @@ from memray.measures.invmm import _PromptDistribution
 from memray.measures.parameterization import flow_eps_and_z0, flow_noisy_sample
 from memray.measures.sampling import ddim_generate
 from memray.measures.stats import kl_to_standard_normal
-from memray.measures.z0_error import sampled_z0_error, z0_prediction_error
+from memray.measures.z0_error import sampled_z0_error
 from memray.models import CheckpointError, load_model, supported_pipelines
 from memray.models.protocol import DiffusionModel, TextConditionedModel
 from memray.models.tiny import build_tiny_ldm, build_tiny_sd3
@@ -257,16 +263,7 @@ def test_invmm_gradients_reach_only_the_inversion_parameters(tiny_families, fami
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_z0_prediction_error_counts_n_times_k_evaluations_per_owner(tiny_families, family):
-    model = tiny_families[family].adapter
-    batch, n, timesteps = 2, 3, model.measure_timesteps(4)
-    z0 = image_z0(model, [31, 32]).repeat_interleave(n, 0)
-    eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))
-    owner = torch.arange(batch).repeat_interleave(n)
-    model.counter.reset(batch)
-    with torch.no_grad():
-        err = z0_prediction_error(model, z0, eps, model.empty_condition(batch * n), timesteps, owner)
-    assert err.shape == (batch * n,) and torch.isfinite(err).all()
-    np.testing.assert_array_equal(model.counter.forwards, [n * len(timesteps)] * batch)
+    assert_z0_error_counts_n_times_k_evaluations_per_owner(tiny_families[family].adapter)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

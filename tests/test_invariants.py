@@ -187,8 +187,8 @@ def test_z0_error_gradient_in_eps_matches_finite_differences_in_float64(tiny_ddp
 # -- evaluation counts ---------------------------------------------------------------------------
 
 
-def test_z0_prediction_error_counts_n_times_k_forwards_per_owner(tiny_sd):
-    model = tiny_sd.adapter
+def assert_z0_error_counts_n_times_k_evaluations_per_owner(model):
+    """z0_prediction_error charges n noises x k timesteps forwards to each owner, and as many backwards."""
     batch, n, timesteps = 2, 3, model.measure_timesteps(4)
     z0 = image_z0(model, [31, 32]).repeat_interleave(n, 0)
     eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))
@@ -205,6 +205,10 @@ def test_z0_prediction_error_counts_n_times_k_forwards_per_owner(tiny_sd):
     z0_prediction_error(model, z0, eps, model.empty_condition(batch * n), timesteps, owner).sum().backward()
     np.testing.assert_array_equal(model.counter.forwards, [n * len(timesteps)] * batch)
     np.testing.assert_array_equal(model.counter.backwards, [n * len(timesteps)] * batch)
+
+
+def test_z0_prediction_error_counts_n_times_k_forwards_per_owner(tiny_sd):
+    assert_z0_error_counts_n_times_k_evaluations_per_owner(tiny_sd.adapter)
 
 
 @pytest.mark.parametrize("regularized", [True, False])

@@ -137,7 +137,12 @@ def tiny_vae(sizes: SDSizes, latent_channels: int = 4, **config):
     """A fresh AutoencoderKL of the given sizes (x4 downsampling for the default three blocks)."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
+    return AutoencoderKL(**autoencoder_sizes(sizes, latent_channels), **config)
+
+
+def autoencoder_sizes(sizes: SDSizes, latent_channels: int) -> dict:
+    """The constructor arguments an AutoencoderKL and a VQModel of these sizes share."""
+    return dict(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * len(sizes.vae_channels),
@@ -147,7 +152,6 @@ def tiny_vae(sizes: SDSizes, latent_channels: int = 4, **config):
         latent_channels=latent_channels,
         norm_num_groups=sizes.vae_groups,
         sample_size=sizes.resolution,
-        **config,
     )
 
 
@@ -201,13 +205,12 @@ def build_tiny_sd(
     return Path(path)
 
 
-def build_tiny_ddpm(path: str | Path, *, resolution: int = 16, seed: int = 0) -> Path:
-    """Save a tiny unconditional pixel-space DDPM pipeline (UNet2DModel + DDPMScheduler) to `path`."""
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+def tiny_unconditional_unet(sample_size: int):
+    """A small UNet2DModel on 3 channels (one attention level): the denoiser of the unconditional tiny models."""
+    from diffusers import UNet2DModel
 
-    torch.manual_seed(seed)
-    unet = UNet2DModel(
-        sample_size=resolution,
+    return UNet2DModel(
+        sample_size=sample_size,
         in_channels=3,
         out_channels=3,
         down_block_types=("DownBlock2D", "AttnDownBlock2D"),
@@ -216,6 +219,14 @@ def build_tiny_ddpm(path: str | Path, *, resolution: int = 16, seed: int = 0) ->
         layers_per_block=1,
         norm_num_groups=8,
     )
+
+
+def build_tiny_ddpm(path: str | Path, *, resolution: int = 16, seed: int = 0) -> Path:
+    """Save a tiny unconditional pixel-space DDPM pipeline (UNet2DModel + DDPMScheduler) to `path`."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    torch.manual_seed(seed)
+    unet = tiny_unconditional_unet(resolution)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
     DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(path), safe_serialization=True)
     return Path(path)
@@ -223,35 +234,15 @@ def build_tiny_ddpm(path: str | Path, *, resolution: int = 16, seed: int = 0) ->
 
 def build_tiny_ldm(path: str | Path, *, autoencoder: str = "vq", resolution: int = 32, seed: int = 0) -> Path:
     """Save a tiny unconditional latent diffusion pipeline (LDMPipeline: VQModel or AutoencoderKL + UNet2DModel)."""
-    from diffusers import DDIMScheduler, LDMPipeline, UNet2DModel, VQModel
+    from diffusers import DDIMScheduler, LDMPipeline, VQModel
 
     torch.manual_seed(seed)
     sizes = SDSizes(resolution=resolution)
     if autoencoder == "vq":
-        vae = VQModel(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * len(sizes.vae_channels),
-            up_block_types=("UpDecoderBlock2D",) * len(sizes.vae_channels),
-            block_out_channels=sizes.vae_channels,
-            layers_per_block=1,
-            latent_channels=3,
-            num_vq_embeddings=64,
-            norm_num_groups=sizes.vae_groups,
-            sample_size=resolution,
-        )
+        vae = VQModel(**autoencoder_sizes(sizes, latent_channels=3), num_vq_embeddings=64)
     else:
         vae = tiny_vae(sizes, latent_channels=3)
-    unet = UNet2DModel(
-        sample_size=latent_size(sizes),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
-    )
+    unet = tiny_unconditional_unet(latent_size(sizes))
     # The CelebA-HQ / FFHQ LDMs' schedule: linear betas 0.0015 .. 0.0195, DDIM, no clipping.
     scheduler = DDIMScheduler(beta_start=0.0015, beta_end=0.0195, beta_schedule="linear", clip_sample=False)
     LDMPipeline(vqvae=vae, unet=unet, scheduler=scheduler).save_pretrained(str(path), safe_serialization=True)
