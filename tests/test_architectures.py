@@ -44,3 +44,14 @@ def test_every_shipped_architecture_is_checked_and_unknown_names_are_refused():
     assert set(ARCHITECTURES) == set(PUBLISHED)
     with pytest.raises(ValueError, match="unknown architecture 'sdxl'.*shipped: \\['sd15', 'sd21'\\]"):
         architecture("sdxl")
+
+
+def test_the_random_weight_adapter_is_a_stable_diffusion_model_of_the_real_size():
+    from memray.models.architectures import random_weight_adapter
+    from memray.models.protocol import TextConditionedModel
+
+    model = random_weight_adapter("sd15", device="meta")  # shapes only: the real build takes minutes on a CPU
+    assert isinstance(model, TextConditionedModel) and model.family == "sd"
+    assert (model.resolution, model.latent_shape, model.num_free_slots) == (512, (4, 64, 64), 75)
+    assert tuple(model.vocabulary_embeddings.shape) == (49408, 768)
+    assert count(model.unet) == PUBLISHED["sd15"]["unet"]

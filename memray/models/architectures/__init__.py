@@ -47,8 +47,8 @@ def random_weight_adapter(name: str, *, device="cpu", autocast_dtype=None, seed:
     return StableDiffusionAdapter(
         unet=unet,
         vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
+        text_encoders=[text_encoder],
+        tokenizers=[tokenizer],
         scheduler=DDIMScheduler.from_config(config["scheduler"]),
         device=device,
         autocast_dtype=autocast_dtype,
