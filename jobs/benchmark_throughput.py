@@ -227,8 +227,8 @@ def report_architecture(arch: str, args) -> list[str]:
         f"achieved {achieved:.2f} TFLOP/s in the InvMM step shape, model-FLOP utilisation {mfu}"
         + (f" of {peak:.0f} TFLOP/s" if peak else ""),
         f"  images/h from UNet time (an image that never replicates): reference protocol "
-        f"{unet_images_per_hour(reference, model.is_conditional, forward, both, reference.steps):.2f}, "
-        f"memray default {unet_images_per_hour(default, model.is_conditional, forward, both, default.stop_after):.1f} "
+        f"{unet_images_per_hour(reference, model.is_conditional, forward, both, reference.steps):.3g}, "
+        f"memray default {unet_images_per_hour(default, model.is_conditional, forward, both, default.stop_after):.3g} "
         f"(stopped at {default.stop_after} steps)",
         f"  peak memory after the UNet lines {peak_memory_gib(device):.1f} GiB",
     ]
