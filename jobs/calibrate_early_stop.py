@@ -4,6 +4,9 @@
     python jobs/calibrate_early_stop.py analyze traces.json                      # agreement and cost per rule
     python jobs/calibrate_early_stop.py confirm --traces traces.json             # the defaults, run for real
 
+jobs/calibration/demo-traces-300-steps.json is `collect --steps 300` on the shipped demo model (an
+hour on 2 CPU cores), kept so `analyze` and `confirm --traces` reproduce the calibration at once.
+
 `collect` audits the demo set (InvMM and the unconditional rate, caption known and prompt
 unknown) with the early stop off and the gate computed at every check but never skipping the full
 check, and keeps each image's check trace (invmm.TRACE_COLUMNS), its bar and nulls, the row's

@@ -21,5 +21,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 timeout 150 python3 jobs/benchmark_throughput.py --arch sd15 --precision bf16 --slots 4 --steps 4 --repeats 5 || true
 timeout 120 python3 jobs/benchmark_throughput.py --arch sd21 --precision bf16 --slots 2 --steps 3 --repeats 3 || true
 timeout 90 python3 jobs/benchmark_throughput.py --arch sd15 --precision fp32 --slots 2 --steps 2 --repeats 3 --unet-only || true
-timeout 120 python3 jobs/calibrate_early_stop.py confirm --device cuda --precision bf16 --against fp32 \
-    --settings unknown --steps 200 || true
+timeout 150 python3 jobs/calibrate_early_stop.py confirm --device cuda --precision bf16 --against fp32 \
+    --settings unknown --traces jobs/calibration/demo-traces-300-steps.json || true
