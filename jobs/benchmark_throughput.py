@@ -30,7 +30,7 @@ import torch
 from memray.config import AuditConfig
 from memray.measures import rng
 from memray.measures.invmm import invmm
-from memray.measures.replication import replication_check
+from memray.measures.replication import failing_check_forwards, replication_check
 from memray.measures.similarity import LatentL2Similarity, replication_targets
 
 # Dense peak TFLOP/s by device name fragment and precision (vendor datasheets; bf16 and fp16 alike).
@@ -172,13 +172,6 @@ def checks_until(config, steps: int) -> int:
     return steps // config.check_every + int(config.check_at_start)
 
 
-def failing_check_forwards(config, conditional: bool) -> int:
-    """UNet forwards of a failing check: the first noise at every scale (the gate's steps where it decides)."""
-    scales = config.guidance_scales if conditional else (1.0,)
-    steps = config.gate_steps or config.sampling_steps
-    return steps * sum(1 if g == 1 else 2 for g in scales)
-
-
 def images_per_hour(config, step: float, check: float, slots: int, steps: int) -> float:
     """Images per hour of `slots` images that never replicate and stop after `steps` steps, from measured times."""
     return 3600 * slots / (steps * step + checks_until(config, steps) * check)
@@ -187,7 +180,8 @@ def images_per_hour(config, step: float, check: float, slots: int, steps: int) -
 def unet_images_per_hour(config, conditional: bool, forward: float, both: float, steps: int) -> float:
     """The same from the UNet's sample-evaluation rates alone (forward, forward+backward per second)."""
     seconds = steps * config.samples_per_step / both
-    seconds += checks_until(config, steps) * failing_check_forwards(config, conditional) / forward
+    forwards = failing_check_forwards(config.guidance_scales, config.gate_steps or config.sampling_steps, conditional)
+    seconds += checks_until(config, steps) * forwards / forward
     return 3600 / seconds
 
 

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from benchmark_demo import BUDGETS, classes, load_demo_set  # noqa: E402
 
 from memray.config import AuditConfig, apply_overrides  # noqa: E402
+from memray.measures.replication import failing_check_forwards  # noqa: E402
 
 GATE_STEPS = 5
 RULE_SETTINGS = ("early_stop", "stop_after", "stop_progress", "gate_steps", "gate_margin")
@@ -196,18 +197,12 @@ def confirm(args) -> None:
             )
 
 
-def check_cost(invmm: dict, steps: int, conditional: bool = True) -> int:
-    """UNet forwards of one failing check's first noise at every scale, DDIM of `steps` steps."""
-    scales = invmm["guidance_scales"] if conditional else [1.0]
-    return steps * sum(1 if g == 1 else 2 for g in scales)
-
-
 def reference_cost(conditional: bool = True) -> tuple[int, int]:
     """(forwards, backwards) per image of the reference protocol for an image that never replicates."""
     ref = dataclasses.asdict(AuditConfig().invmm)
     checks = ref["steps"] // ref["check_every"] + 1
     steps = ref["steps"] * ref["samples_per_step"]
-    return steps + checks * check_cost(ref, ref["sampling_steps"], conditional), steps
+    return steps + checks * failing_check_forwards(ref["guidance_scales"], ref["sampling_steps"], conditional), steps
 
 
 def replay(entry: dict, invmm: dict, rule) -> tuple[bool, int, int]:
@@ -221,7 +216,7 @@ def replay(entry: dict, invmm: dict, rule) -> tuple[bool, int, int]:
         return bool(row["invmm_replicated"]), row["unet_forwards"], row["unet_backwards"]
     own_steps = int(trace[stop, 0])
     passed = np.nan_to_num(trace[: stop + 1, 2], nan=-np.inf) >= row["replication_threshold"]
-    per_check = check_cost(invmm, invmm["sampling_steps"])
+    per_check = failing_check_forwards(invmm["guidance_scales"], invmm["sampling_steps"])
     forwards = own_steps * invmm["samples_per_step"] + (stop + 1) * per_check
     forwards += int(passed.sum()) * per_check * (invmm["check_noises"] - 1)  # staged: a passing scale costs more
     return False, forwards, own_steps * invmm["samples_per_step"]
@@ -257,8 +252,8 @@ def gate_lines(entries, invmm: dict, margins) -> str:
     # the checks that replicated: the last check of each replicated image (a gate must never skip one)
     hits = [row["replication_threshold"] - trace[-1, 3] for trace, row in rows if row["invmm_replicated"]]
     checks = np.concatenate([row["replication_threshold"] - trace[:, 3] for trace, row in rows])
-    full_cost = check_cost(invmm, invmm["sampling_steps"])
-    gate_cost = check_cost(invmm, GATE_STEPS)
+    full_cost = failing_check_forwards(invmm["guidance_scales"], invmm["sampling_steps"])
+    gate_cost = failing_check_forwards(invmm["guidance_scales"], GATE_STEPS)
     lines = [
         f"  gate ({GATE_STEPS} DDIM steps): bar - gate similarity at the {len(hits)} replicating checks: "
         + ", ".join(f"{h:.3f}" for h in sorted(hits, reverse=True))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import threshold_targets
 
-from memray.measures.replication import replication_check
+from memray.measures.replication import failing_check_forwards, replication_check
 from memray.measures.sampling import ddim_generate
 from memray.measures.similarity import (
     IMAGENET_MEAN,
@@ -142,6 +142,7 @@ def test_a_failing_check_costs_one_noise_per_scale(sd_case, scales):
     assert model.counter.forwards.tolist() == [per_image] * B
     assert int(model.counter.forwards.sum()) == B * per_image
     assert model.counter.backwards.tolist() == [0] * B
+    assert failing_check_forwards(scales, STEPS) == per_image  # what the benchmarks count with
 
 
 def test_a_passing_check_costs_all_noises_at_every_scale(sd_case):

@@ -274,7 +274,8 @@ def invmm(
     def check(rows) -> None:
         """The success check of `rows`; hits leave with their KL, hopeless images with the early stop."""
         images = image[rows]
-        gens = [generators[i] for i in images.tolist()]
+        cpu_images = images.cpu()
+        gens = [generators[i] for i in cpu_images.tolist()]
         sigma = (0.5 * log_var[rows]).exp().unsqueeze(1)
         noises = mu[rows].unsqueeze(1) + sigma * rng.randn_per_image(gens, (config.check_noises, *z0.shape[1:]))
         with torch.no_grad():
@@ -288,14 +289,13 @@ def invmm(
         if config.gate_steps:  # a few-step generation of the first noise: only plausible rows get the full check
             quick = replicates(images, noises[:, :1], cond, config.gate_steps)
             gate, guidance = quick.similarity, quick.guidance
-            full = gate >= bars[images.cpu()] - config.gate_margin
+            full = gate >= bars[cpu_images] - config.gate_margin
         if full.any():
             f = full.nonzero().flatten()
             result = replicates(
                 images[f.to(device)], noises[f.to(device)], None if cond is None else cond[f], config.sampling_steps
             )
             found[f], seen[f], guidance[f] = result.replicated, result.similarity, result.guidance
-        cpu_images = images.cpu()
         out.similarity[cpu_images] = torch.where(full, seen, gate)
         out.guidance[cpu_images] = guidance
         if prompt is not None:

@@ -26,6 +26,13 @@ class ReplicationResult:
     guidance: torch.Tensor  # (B,) scale of `similarity`
 
 
+def failing_check_forwards(guidance_scales, num_steps: int, conditional: bool = True) -> int:
+    """UNet forwards of a check that fails at every scale: its first noise at each scale, a guided
+    scale costing two evaluations a step (an unconditional model checks only guidance 1)."""
+    scales = guidance_scales if conditional else (1.0,)
+    return num_steps * sum(1 if scale == 1 else 2 for scale in scales)
+
+
 @torch.no_grad()
 def replication_check(
     model,
