@@ -21,6 +21,7 @@ from memray.errors import ConfigError
 from memray.measures.invmm import InvMMConfig
 from memray.measures.noise_inversion import NoiseInversionConfig
 from memray.measures.prompt_inversion import HardPromptConfig, SoftPromptConfig
+from memray.measures.start_check import StartCheckConfig
 from memray.measures.wasserstein import WassersteinConfig
 from memray.measures.wen import WenConfig
 from memray.measures.z0_error import Z0ErrorConfig
@@ -56,6 +57,11 @@ class VerdictConfig:
     # replicated by InvMM where the KL bound says plain N(0, I) noise under that prompt replicates the
     # image in at least this share of samples: memorized (docs/science.md, "the verdict")
     invmm_rate_min: float = 0.001
+    # "count": the bound at the Clopper-Pearson lower limit of k of n counted replicas (InvMM also stops
+    # where k of K already clear it, and counts again on fresh noises); "all": the reference, where a
+    # check succeeds only when all K replicate and q(A) is taken as 1
+    evidence: str = "count"
+    confidence: float = 0.95  # of the lower limit of q(A)
     uncond_rate_min: float = 0.03  # replicated by at least this share of the empty prompt's samples: memorized
     shift_sd_memorized: float = 10.0  # Chebyshev: P <= 1/k^2 = 1% under the safe model
     shift_sd_clear: float = 3.0
@@ -94,6 +100,7 @@ class AuditConfig:
     hard_prompt: HardPromptConfig = field(default_factory=HardPromptConfig)
     wasserstein: WassersteinConfig = field(default_factory=WassersteinConfig)
     invmm: InvMMConfig = field(default_factory=InvMMConfig)
+    start_check: StartCheckConfig = field(default_factory=StartCheckConfig)
     wen: WenConfig = field(default_factory=WenConfig)
     verdict: VerdictConfig = field(default_factory=VerdictConfig)
 
@@ -203,6 +210,9 @@ def validate(config: AuditConfig) -> None:
         "invmm.samples_per_step": config.invmm.samples_per_step,
         "invmm.check_every": config.invmm.check_every,
         "invmm.check_noises": config.invmm.check_noises,
+        "invmm.confirm_noises": config.invmm.confirm_noises,
+        "start_check.noises": config.start_check.noises,
+        "start_check.steps": config.start_check.steps,
         "invmm.sampling_steps": config.invmm.sampling_steps,
         "invmm.loss_window": config.invmm.loss_window,
         "invmm.temperature": config.invmm.temperature,
@@ -224,16 +234,23 @@ def validate(config: AuditConfig) -> None:
         "hard_prompt.run_for": (config.hard_prompt.run_for, ("memorized", "always", "never")),
         "invmm.prompt_init": (config.invmm.prompt_init, ("caption", "zero")),
         "prompt_inversion.init": (config.prompt_inversion.init, ("caption", "random")),
+        "verdict.evidence": (config.verdict.evidence, ("count", "all")),
     }
     problems += [
         f"{name}: {value!r} not in {allowed}" for name, (value, allowed) in choices.items() if value not in allowed
     ]
     if config.similarity.kind == "sscd" and not config.similarity.sscd_path:
         problems.append("similarity.sscd_path: required when similarity.kind = 'sscd'")
-    if not config.invmm.guidance_scales:
-        problems.append("invmm.guidance_scales: needs at least one scale")
-    if not all(scale > 0 for scale in config.invmm.guidance_scales):
-        problems.append(f"invmm.guidance_scales: must be > 0, got {list(config.invmm.guidance_scales)}")
+    for name, scales in (
+        ("invmm.guidance_scales", config.invmm.guidance_scales),
+        ("start_check.guidance_scales", config.start_check.guidance_scales),
+    ):
+        if not scales:
+            problems.append(f"{name}: needs at least one scale")
+        if not all(scale > 0 for scale in scales):
+            problems.append(f"{name}: must be > 0, got {list(scales)}")
+    if not 0 < config.verdict.confidence < 1:
+        problems.append(f"verdict.confidence: must be in (0, 1), got {config.verdict.confidence}")
     if config.invmm.prompt_lr is not None and not config.invmm.prompt_lr > 0:
         problems.append(f"invmm.prompt_lr: must be > 0 (or unset: lr), got {config.invmm.prompt_lr}")
     if not 0 <= config.verdict.uncond_rate_min <= 1:
@@ -330,15 +347,18 @@ def quick_config() -> AuditConfig:
             guidance_scales=(1.0, 3.0),
             sampling_steps=10,
             loss_window=20,
+            confirm_noises=4,
         ),
+        start_check=StartCheckConfig(noises=2, steps=5),
         wen=WenConfig(generations=2, steps=1, sampling_steps=10),
         similarity=SimilarityConfig(null_samples=16),
     )
 
 
 def reference_protocol_config() -> AuditConfig:
-    """The reference protocol: memray's defaults without the early stop (every image runs its whole budget)."""
-    return AuditConfig().replace(invmm={"early_stop": False, "gate_steps": 0})
+    """The reference protocol: memray's defaults without the early stop (every image runs its whole budget)
+    and with the reference's all-K success (no counting)."""
+    return AuditConfig().replace(invmm={"early_stop": False, "gate_steps": 0}, verdict={"evidence": "all"})
 
 
 PRESETS = {"default": AuditConfig, "reference": reference_protocol_config, "quick": quick_config}

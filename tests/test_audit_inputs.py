@@ -27,6 +27,7 @@ def tiny_config(**changes):
     check (latent L2 is unbounded below, so -1e9 always passes) and hard prompts always run, so
     every measure column of an ok row gets a value."""
     base = tiny_budgets().replace(
+        measures=list(REGISTRY),
         hard_prompt={"run_for": "always"},
         similarity={"kind": "latent_l2", "threshold": -1e9, "nulls": False},
     )
@@ -95,7 +96,7 @@ BAD = {
 # Every column a measure of the registry fills (the caption screen needs a caption), the bar and the
 # verdict. null_model_similarity is left out: under the forced threshold every model sample is a
 # replica, so no sample is left for the model null (NULL); tests/test_nulls.py measures it.
-WEN_FIELDS = ("wen_score", "wen_tokens")
+WEN_FIELDS = ("wen_score", "wen_tokens", "one_step_confidence")
 MEASURE_FIELDS = tuple(
     column for measure in REGISTRY.values() for column in measure.columns if column not in WEN_FIELDS
 ) + ("replication_threshold", "null_content_similarity", "verdict", "verdict_rule")
@@ -304,7 +305,35 @@ RULE = VerdictConfig()  # invmm_rate_min 0.001, shift_sd_memorized 10, shift_sd_
         (dict(wasserstein_shift_sd=3.0), "not_memorized", "error shift 3 sd <= 3.0"),
         (dict(wasserstein_shift_sd=-4.0), "not_memorized", "error shift -4 sd <= 3.0"),
         (dict(wasserstein_shift_sd=5.0), "inconclusive", "error shift 5 sd between 3.0 and 10.0"),
-        (dict(), "inconclusive", "neither InvMM nor the Wasserstein measure ran"),
+        (
+            dict(invmm_replicated=True, invmm_kl_nats=0.0, invmm_steps=0, invmm_replicas=12, invmm_samples=16),
+            "memorized",
+            "InvMM replicated at KL 0 nats, 12 of 16 fresh samples replicating: N(0, I) noise under its prompt "
+            "replicates in >= 0.516 of samples (95% confidence), >= 0.001",
+        ),
+        (
+            dict(invmm_replicated=True, invmm_kl_nats=4.73, invmm_steps=25, invmm_replicas=10, invmm_samples=16),
+            "inconclusive",
+            "InvMM replicated at KL 4.73 nats, 10 of 16 fresh samples replicating: N(0, I) noise under its prompt "
+            "replicates in >= 1.01e-06 of samples (95% confidence), < 0.001",
+        ),
+        (
+            dict(caption="a cat", screen_progress=1.3, screen_replicas=2, screen_samples=4, screen_flagged=True),
+            "memorized",
+            "its caption replicates it from N(0, I) noise in 2 of 4 start samples: in >= 0.0976 of samples "
+            "(95% confidence) >= 0.001",
+        ),
+        (
+            dict(screen_progress=0.7, screen_replicas=0, screen_samples=4, screen_flagged=True),
+            "inconclusive",
+            "flagged by the screen (progress 0.70, 0 of 4 start samples replicating): InvMM decides (memray confirm)",
+        ),
+        (
+            dict(screen_progress=None, screen_replicas=0, screen_samples=4, screen_flagged=False),
+            "not_memorized",
+            "cleared by the screen: its closest start sample covered no of the way to its bar",
+        ),
+        (dict(), "inconclusive", "neither InvMM, the screen nor the Wasserstein measure ran"),
     ],
 )
 def test_verdict_rules(fields, verdict, rule):

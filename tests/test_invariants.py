@@ -90,12 +90,14 @@ def assert_invmm_rows_equal(a, rows_a, b, rows_b, *, exact=False, atol=1e-5):
         torch.testing.assert_close(a.condition[rows_a], b.condition[rows_b], **tol)
 
 
-def run_invmm(model, z0, ids, similarity, config=TINY_INVMM, seed=0, start_ids=None, slots=None):
+def run_invmm(model, z0, ids, similarity, config=TINY_INVMM, seed=0, start_ids=None, slots=None, counting=True):
     model.counter.reset(len(ids))
     gens = rng.image_generators(ids, seed, "invmm", model.device)
     targets = threshold_targets(model, similarity, z0)
     owner = torch.arange(len(ids), device=model.device)
-    return invmm(model, z0, gens, owner, config, similarity, targets, start_ids=start_ids, slots=slots)
+    return invmm(
+        model, z0, gens, owner, config, similarity, targets, start_ids=start_ids, slots=slots, counting=counting
+    )
 
 
 # -- frozen networks, gradients -------------------------------------------------------------------
@@ -231,6 +233,13 @@ def _check_cost(cfg, scales, noises):
     return sum(noises * cfg.sampling_steps * (1 if scale == 1 else 2) for scale in scales)
 
 
+def _confirm_cost(cfg, result) -> np.ndarray:
+    """UNet forwards of each replicated image's confirmation: confirm_noises samples at its scale."""
+    return np.where(result.replicated, _check_cost(cfg, [1.0], cfg.confirm_noises), 0) * np.where(
+        result.guidance == 1, 1, 2
+    )
+
+
 def test_invmm_counts_when_never_replicating(tiny_sd):
     model, cfg = tiny_sd.adapter, TINY_INVMM
     z0 = image_z0(model, [51, 52])
@@ -253,9 +262,12 @@ def test_invmm_replicating_at_the_start_scores_kl_zero_and_checks_its_readable_p
     np.testing.assert_array_equal(result.steps, [0, 0])
     np.testing.assert_array_equal(result.kl, [0.0, 0.0])  # N(0, I) itself
     assert all(isinstance(p, str) for p in result.prompts)
-    # the expected token mix, then the readable prompt, each with all K noises at every scale
+    # the expected token mix, then the readable prompt, each with all K noises at every scale; the
+    # confirmation of the count at the deciding scale
     forwards = 2 * _check_cost(cfg, cfg.guidance_scales, cfg.check_noises)
-    np.testing.assert_array_equal(model.counter.forwards, [forwards] * 2)
+    np.testing.assert_array_equal(model.counter.forwards, forwards + _confirm_cost(cfg, result))
+    np.testing.assert_array_equal(result.replicas, [cfg.confirm_noises] * 2)
+    np.testing.assert_array_equal(result.samples, [cfg.confirm_noises] * 2)
     np.testing.assert_array_equal(model.counter.backwards, [0, 0])
 
 
@@ -271,7 +283,7 @@ def test_invmm_counts_and_score_when_replicating_at_the_first_check_after_steps(
     )
     assert np.isfinite(result.kl).all() and (result.kl > 0).all()
     forwards = cfg.check_every * s + 2 * _check_cost(cfg, cfg.guidance_scales, cfg.check_noises)
-    np.testing.assert_array_equal(model.counter.forwards, [forwards] * 2)
+    np.testing.assert_array_equal(model.counter.forwards, forwards + _confirm_cost(cfg, result))
     np.testing.assert_array_equal(model.counter.backwards, [cfg.check_every * s] * 2)
 
 
@@ -293,7 +305,7 @@ def test_an_image_that_replicates_stops_costing_and_does_not_disturb_the_other(r
     readable = _check_cost(cfg, scales, cfg.check_noises) if model.is_conditional else 0
     early = cfg.check_every * s + _check_cost(cfg, scales, cfg.check_noises) + readable
     late = cfg.steps * s + (cfg.steps // cfg.check_every) * _check_cost(cfg, scales, 1)
-    np.testing.assert_array_equal(counts[0], [early, late])
+    np.testing.assert_array_equal(counts[0], np.array([early, late]) + _confirm_cost(cfg, both))
     np.testing.assert_array_equal(counts[1], [cfg.check_every * s, cfg.steps * s])
 
     alone = run_invmm(model, z0[1:], ["late"], similarity, config=cfg)

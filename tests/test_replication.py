@@ -50,11 +50,11 @@ def unstaged_similarities(model, z0, noises, cond, scales, similarity):
     return out
 
 
-def check(model, z0, noises, cond, scales, similarity):
+def check(model, z0, noises, cond, scales, similarity, rest="passing"):
     """replication_check with the similarity's threshold as every image's bar."""
     targets = threshold_targets(model, similarity, z0)
     return replication_check(
-        model, z0, noises, cond, scales, similarity, targets, torch.arange(len(z0)), num_steps=STEPS
+        model, z0, noises, cond, scales, similarity, targets, torch.arange(len(z0)), num_steps=STEPS, rest=rest
     )
 
 
@@ -112,6 +112,42 @@ def test_staged_check_decides_like_the_unstaged_reference(sd_case):
         seen["not_replicated"] += int((~replicated).sum())
     # The thresholds exercised every branch of the staged decision.
     assert all(count > 0 for count in seen.values()), seen
+
+
+def reference_counts(sims, threshold, complete):
+    """(replicas, counted) the check reports: the most of the K replicating at a scale where all K ran."""
+    hits = (sims >= threshold).sum(2)  # (B, S)
+    counts = torch.where(complete, hits, torch.tensor(-1))
+    replicas = counts.amax(1).clamp_min(0)
+    counted = torch.where(complete.any(1), sims.shape[2], 0)
+    return replicas, counted
+
+
+@pytest.mark.parametrize("rest", ["passing", "best"])
+def test_the_check_counts_replicas_where_all_k_ran_and_costs_what_it_generates(sd_case, rest):
+    model, z0, noises, cond = sd_case
+    similarity = LatentL2Similarity()
+    sims = unstaged_similarities(model, z0, noises, cond, SCALES, similarity)
+    first = sims[:, :, 0]
+    for threshold in thresholds_between(sims):
+        similarity.threshold = threshold
+        model.counter.reset(B)
+        result = check(model, z0, noises, cond, SCALES, similarity, rest=rest)
+        if rest == "passing":
+            complete = first >= threshold
+        else:  # the scale where the first noise came closest, always
+            complete = torch.zeros_like(first, dtype=torch.bool)
+            complete[torch.arange(B), first.argmax(1)] = True
+        replicas, counted = reference_counts(sims, threshold, complete)
+        assert result.replicas.tolist() == replicas.tolist(), f"threshold {threshold}"
+        assert result.counted.tolist() == counted.tolist()
+        ran = torch.where(complete.unsqueeze(2).expand_as(sims), sims, first.unsqueeze(2).expand_as(sims))
+        torch.testing.assert_close(result.best, ran.amax((1, 2)), rtol=1e-4, atol=1e-4)
+        cost = [
+            sum(STEPS * (1 if s == 1 else 2) * (1 + (K - 1) * bool(complete[b, i])) for i, s in enumerate(SCALES))
+            for b in range(B)
+        ]
+        np.testing.assert_array_equal(model.counter.forwards, cost)
 
 
 def test_unconditional_model_checks_only_guidance_one(tiny_ddpm):

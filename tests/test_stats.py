@@ -7,7 +7,18 @@ import pytest
 import torch
 from scipy import stats
 
-from memray.measures.stats import kl_to_standard_normal, ks_normality_pvalues, standard_noise_rate_bound, wasserstein_1d
+from memray.measures.stats import (
+    binary_entropy,
+    binary_kl,
+    clopper_pearson,
+    clopper_pearson_lower,
+    counted_rate_bound,
+    kl_to_standard_normal,
+    ks_normality_pvalues,
+    rate_lower_bound,
+    standard_noise_rate_bound,
+    wasserstein_1d,
+)
 
 # -- KL(N(mu, sigma^2) || N(0, I)) ------------------------------------------------------------
 
@@ -74,6 +85,78 @@ def test_rate_bound_is_tight_in_the_exponent_where_q_always_replicates():
     for kl in [0.0, 1.0, 6.0]:
         assert standard_noise_rate_bound(kl) == pytest.approx(np.exp(-kl - 1 / np.e))
     assert standard_noise_rate_bound(np.log(1000) - 1 / np.e) == pytest.approx(1e-3)
+
+
+# -- the counting bound: q(A) from k of n samples, then data processing --------------------------
+
+
+def test_binary_entropy_and_kl_match_their_closed_forms():
+    for q in [0.0, 0.1, 0.5, 0.93, 1.0]:
+        expected = -sum(x * np.log(x) for x in (q, 1 - q) if x > 0)
+        assert binary_entropy(q) == pytest.approx(expected, abs=1e-12)
+        for p in [0.01, 0.3, 0.99]:
+            terms = [a * np.log(a / b) for a, b in ((q, p), (1 - q, 1 - p)) if a > 0]
+            assert binary_kl(q, p) == pytest.approx(sum(terms), abs=1e-12)
+
+
+@pytest.mark.parametrize("q", [0.02, 0.25, 0.5, 0.75, 0.97])
+@pytest.mark.parametrize("kl", [0.0, 0.05, 1.0, 6.0, 40.0])
+def test_rate_bound_solves_the_binary_kl_and_beats_its_closed_form_relaxation(q, kl):
+    p = rate_lower_bound(kl, q)
+    relaxation = np.exp(-(kl + binary_entropy(q)) / q)  # the closed form (the issue's p >= exp(-(KL + H(q)) / q))
+    assert relaxation <= p * (1 + 1e-9) and p <= q
+    if p > 1e-300:
+        assert binary_kl(q, p) == pytest.approx(kl, rel=1e-7, abs=1e-9)  # the data-processing inequality is tight
+    assert rate_lower_bound(kl, q) <= rate_lower_bound(kl, min(1.0, q + 0.01))  # rises with q(A)
+    assert rate_lower_bound(kl + 0.5, q) <= p  # falls with KL
+
+
+def test_rate_bound_at_q_one_is_exp_minus_kl_and_the_reference_pays_one_over_e():
+    for kl in [0.0, 2.0, 6.5]:
+        assert rate_lower_bound(kl, 1.0) == pytest.approx(np.exp(-kl))
+        assert standard_noise_rate_bound(kl) <= rate_lower_bound(kl, 1.0)
+    assert rate_lower_bound(3.0, 0.0) == 0.0 and rate_lower_bound(float("nan"), 0.5) == 0.0
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.5, 1.5, 3.0])
+@pytest.mark.parametrize("edge", [-1.0, 0.0, 1.0, 2.5])
+def test_exact_rate_bound_holds_for_a_shifted_gaussian_and_a_half_space(shift, edge):
+    q_a, p_a = stats.norm.sf(edge - shift), stats.norm.sf(edge)
+    assert rate_lower_bound(shift**2 / 2, q_a) <= p_a * (1 + 1e-9)
+
+
+@pytest.mark.parametrize(("k", "n"), [(0, 4), (1, 4), (3, 4), (4, 4), (12, 16), (16, 16), (0, 50), (37, 200)])
+def test_clopper_pearson_matches_scipy(k, n):
+    interval = stats.binomtest(k, n).proportion_ci(confidence_level=0.9, method="exact")
+    low, high = clopper_pearson(k, n, 0.9)
+    assert low == pytest.approx(interval.low, abs=1e-10) and high == pytest.approx(interval.high, abs=1e-10)
+    # the one-sided 95% limit is the lower end of the two-sided 90% interval
+    assert clopper_pearson_lower(k, n, 0.95) == pytest.approx(interval.low, abs=1e-10)
+    if k == n:
+        assert clopper_pearson_lower(k, n, 0.95) == pytest.approx(0.05 ** (1 / n))  # closed form at k = n
+
+
+@pytest.mark.parametrize("n", [4, 16, 64])
+def test_clopper_pearson_lower_limit_covers_at_its_confidence_exactly(n):
+    """Exact coverage P(lower(k) <= q) over k ~ Binomial(n, q), for rates across (0, 1)."""
+    lower = np.array([clopper_pearson_lower(k, n, 0.95) for k in range(n + 1)])
+    coverage = [stats.binom.pmf(np.arange(n + 1), n, q)[lower <= q].sum() for q in np.linspace(0.01, 0.99, 99)]
+    assert min(coverage) >= 0.95 - 1e-9
+    assert min(coverage) < 0.97  # attained, not a trivially wide limit
+
+
+def test_counted_bound_covers_the_true_rate_at_its_confidence():
+    # q = N(shift e1, I), A = {x1 > edge}: q(A) and p(A) in closed form; n samples of q counted
+    rs = np.random.default_rng(0)
+    shift, edge, n, confidence = 1.0, 0.5, 16, 0.9
+    q_a, p_a = stats.norm.sf(edge - shift), stats.norm.sf(edge)
+    kl = shift**2 / 2
+    draws = 4000
+    k = rs.binomial(n, q_a, size=draws)
+    held = np.mean([counted_rate_bound(kl, int(x), n, confidence) <= p_a for x in k])
+    assert held >= confidence
+    # and it is a real bound, not a trivial one: usually well above zero
+    assert np.median([counted_rate_bound(kl, int(x), n, confidence) for x in k[:200]]) > p_a / 10
 
 
 # -- KS normality ----------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from memray.measures import rng
 from memray.measures.invmm import invmm
 from memray.measures.noise_inversion import invert_noise
 from memray.measures.prompt_inversion import hard_prompt_inversion, prompt_condition, soft_prompt_inversion
+from memray.measures.start_check import start_check
 from memray.measures.wasserstein import memorization_wasserstein
 from memray.measures.wen import wen_screen
 from memray.measures.z0_error import z0_prediction_error
@@ -122,6 +123,8 @@ def _invmm(batch: Batch, slots: list[int]) -> Filled:
         start_ids=batch.caption_start(slots, batch.config.invmm.prompt_init),
         context=batch.caption_context(slots),
         slots=batch.slots,
+        counting=batch.config.verdict.evidence == "count",
+        stop_rate=batch.config.verdict.invmm_rate_min,
         progress=batch.progress,
     )
     replicated = [bool(r) for r in result.replicated]
@@ -139,11 +142,63 @@ def _invmm(batch: Batch, slots: list[int]) -> Filled:
         "invmm_prompt_init": list(result.prompt_init),
         "invmm_prompt_replicated": readable,
         "invmm_stop_reason": list(result.stop_reason),
+        "invmm_replicas": [int(k) if r else None for r, k in zip(replicated, result.replicas)],
+        "invmm_samples": [int(n) if r else None for r, n in zip(replicated, result.samples)],
     }
     arrays = {"invmm_mu": list(result.mu), "invmm_log_var": list(result.log_var), "invmm_trace": result.trace}
     if result.condition is not None:
         arrays["invmm_condition"] = list(result.condition)
     return Filled(slots, columns, list(result.finite), arrays)
+
+
+def _start_check(batch: Batch, slots: list[int]) -> Filled:
+    """The screen, captioned images under their caption and guidance, the others under the empty prompt."""
+    model, config = batch.model, batch.config.start_check
+    captioned = [s for s in slots if model.is_conditional and batch.captions[s]]
+    groups = [(captioned, True), ([s for s in slots if s not in set(captioned)], False)]
+    columns: dict[str, dict] = {name: {} for name in ("similarity", "progress", "replicas", "guidance")}
+    for group, guided in groups:
+        if not group:
+            continue
+        idx = batch.index(group)
+        cond = None
+        if model.is_conditional:
+            with torch.no_grad():
+                texts = [batch.captions[s] or "" for s in group]
+                context = batch.caption_context(group)
+                cond = (
+                    model.encode_ids(model.token_ids(texts), context) if guided else model.empty_condition(len(group))
+                )
+        result = start_check(
+            model,
+            batch.z0[idx],
+            cond,
+            batch.gens("start_check", group),
+            batch.owner[idx],
+            config,
+            batch.similarity,
+            batch.targets[idx],
+            guided=guided,
+        )
+        for name in columns:
+            columns[name].update(zip(group, getattr(result, name).tolist()))
+    progress = [value(columns["progress"][s]) for s in slots]
+    unprompted = [batch.rows[s].uncond_replication_rate or 0.0 for s in slots]
+    return Filled(
+        slots,
+        {
+            "screen_similarity": [value(columns["similarity"][s]) for s in slots],
+            "screen_progress": progress,
+            "screen_replicas": [int(columns["replicas"][s]) for s in slots],
+            "screen_samples": [config.noises] * len(slots),
+            "screen_guidance": [value(columns["guidance"][s]) for s in slots],
+            # a sample of the empty prompt's that replicated it flags it too (the premise check)
+            "screen_flagged": [
+                (p is not None and p >= config.flag_progress) or rate > 0 for p, rate in zip(progress, unprompted)
+            ],
+        },
+        finite=[math.isfinite(columns["similarity"][s]) for s in slots],
+    )
 
 
 def _z0_error(batch: Batch, slots: list[int]) -> Filled:
@@ -246,6 +301,7 @@ def _wen(batch: Batch, slots: list[int]) -> Filled:
     columns = {
         "wen_score": [value(s) for s in result.score],
         "wen_tokens": [json.dumps(tokens) for tokens in result.attribution],
+        "one_step_confidence": [value(c) for c in result.one_step_confidence],
     }
     return Filled(slots, columns)
 
@@ -310,9 +366,25 @@ REGISTRY: dict[str, Measure] = {
                 "invmm_prompt_init",
                 "invmm_prompt_replicated",
                 "invmm_stop_reason",
+                "invmm_replicas",
+                "invmm_samples",
             ),
             replication=True,
             slotted=True,
+        ),
+        Measure(
+            "start_check",
+            "the start check",
+            _start_check,
+            (
+                "screen_similarity",
+                "screen_progress",
+                "screen_replicas",
+                "screen_samples",
+                "screen_guidance",
+                "screen_flagged",
+            ),
+            replication=True,
         ),
         Measure("z0_error", "the z0-prediction error", _z0_error, ("z0_error",)),
         Measure(
@@ -352,7 +424,13 @@ REGISTRY: dict[str, Measure] = {
             needs_prompt=True,
             needs=("prompt_inversion",),
         ),
-        Measure("wen", "the caption screen", _wen, ("wen_score", "wen_tokens"), needs_prompt=True),
+        Measure(
+            "wen",
+            "the caption screen",
+            _wen,
+            ("wen_score", "wen_tokens", "one_step_confidence"),
+            needs_prompt=True,
+        ),
         Measure(
             "hard_prompt",
             "hard prompt inversion",

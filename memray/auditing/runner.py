@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from memray.auditing.measures import REGISTRY, Batch, Filled, value
-from memray.auditing.verdict import decide
+from memray.auditing.verdict import decide, invmm_rate_bound
 from memray.catalog.schema import AuditRow
 from memray.config import AuditConfig, ConfigError
 from memray.data.images import (
@@ -344,4 +344,5 @@ class _MeasureChain:
     def decide(self) -> None:
         for s in self.alive:
             row = self.audits[s].row
+            row.invmm_rate_bound = invmm_rate_bound(row, self.config.verdict)
             row.verdict, row.verdict_rule = decide(row, self.config.verdict)

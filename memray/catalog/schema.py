@@ -1,9 +1,11 @@
-"""Catalog schema version 3: one row per (image, model fingerprint, audit config).
+"""Catalog schema version 4: one row per (image, model fingerprint, audit config).
 
 This file is the only place that names the columns; `AuditRow` is what the audit layer fills.
 Version 2 added the replication bar and its nulls, the readable-prompt evidence of InvMM, the
 unconditional replication rate and the relative M4 shift; version 3 why InvMM stopped
-(`invmm_stop_reason`). Files of older versions read with the newer columns NULL (`memray migrate`
+(`invmm_stop_reason`); version 4 the counted evidence of InvMM (`invmm_replicas` of
+`invmm_samples`, `invmm_rate_bound`), the start-check screen (`screen_*`), Webster's one-step
+confidence and the cascade (`stage`, `selected_by`, `phash`, `url`). Files of older versions read with the newer columns NULL (`memray migrate`
 rewrites them).
 """
 
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 VERDICTS = ("memorized", "not_memorized", "inconclusive")
 
 
@@ -49,6 +51,9 @@ class AuditRow:
     invmm_prompt_init: str | None = None  # where the prompt distribution started: "caption" or "zero"
     invmm_prompt_replicated: bool | None = None  # did invmm_prompt replicate on the successful check's noises
     invmm_stop_reason: str | None = None  # "replicated", "budget", "early_stop" (censored by the calibrated rule)
+    invmm_replicas: int | None = None  # replicated: how many of invmm_samples noises of its distribution replicated
+    invmm_samples: int | None = None  # fresh noises counted at the successful check (the check's K under "all")
+    invmm_rate_bound: float | None = None  # lower bound on how often N(0, I) under its prompt replicates (verdict)
     replicas_png: bytes | None = None  # one PNG strip: the target, then replicas from the InvMM distribution
     # the replication bar (similarity.py): max(threshold, null_content + margin, null_model + margin)
     replication_threshold: float | None = None
@@ -76,9 +81,21 @@ class AuditRow:
     hard_prompt: str | None = None
     hard_prompt_error: float | None = None
     hard_prompt_replicated: bool | None = None
-    # M6 screen
+    # screens: the start check (InvMM's check at N(0, I) under the caption) and the caption screens
+    screen_similarity: float | None = None  # the closest start sample
+    screen_progress: float | None = None  # (screen_similarity - null) / (bar - null)
+    screen_replicas: int | None = None  # how many of screen_samples fresh start noises replicated
+    screen_samples: int | None = None
+    screen_guidance: float | None = None  # the scale they were counted at
+    screen_flagged: bool | None = None  # the screen sends the image to InvMM
     wen_score: float | None = None
     wen_tokens: str | None = None  # JSON [[token, attribution], ...]
+    one_step_confidence: float | None = None  # Webster's denoising confidence of the caption
+    # the cascade
+    stage: str | None = None  # "screen" (stage 1), "confirm" (stage 2) or "full" (every measure on every image)
+    selected_by: str | None = None  # stage 2: "screen" (flagged), "calibration" (a random cleared image), "request"
+    phash: str | None = None  # 64-bit perceptual hash (hex) of the image: near-duplicate groups
+    url: str | None = None  # where the image was downloaded from (img2dataset's url), when the source says
     # verdict
     verdict: str | None = None
     verdict_rule: str | None = None

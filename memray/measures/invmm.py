@@ -9,10 +9,14 @@ loss (last `loss_window` steps) improved by less than xi since the previous chec
 Success check every C steps (and at the start): K noises from N(mu, sigma^2), DDIM at each
 guidance scale under the expected token mix softmax(logits / tau) (the reference's check);
 success when at some scale the MINIMUM similarity over the K samples clears the image's bar
-(similarity.py). InvMM(x) = KL at the first successful check (lower = more memorised); never
-succeeding within the budget is censored (no finite score). An image that succeeds leaves the
-batch at once; its readable prompt (the argmax tokens) is then checked on the same noises, the
-second kind of evidence.
+(similarity.py), or, counting (the default), when k of the K replicate at one scale and the
+data-processing bound at q(A) = k / K already says plain N(0, I) noise replicates often enough
+(`stop_rate`). A counted success is then confirmed on `confirm_noises` fresh noises, whose count
+is the evidence the verdict takes (free of the selection that stopped the optimisation).
+InvMM(x) = KL at the first successful check (lower = more memorised); never succeeding within the
+budget is censored (no finite score). An image that succeeds leaves the batch at once; its
+readable prompt (the argmax tokens) is then checked on the check's noises, the second kind of
+evidence.
 
 Departures from the reference (docs/science.md): the networks are frozen; the prompt
 distribution starts at the image's caption where it has one (any start gives an upper bound
@@ -33,8 +37,9 @@ import torch
 from memray.measures import rng
 from memray.measures.optim import RowAdam
 from memray.measures.prompt_inversion import prompt_condition
-from memray.measures.replication import replication_check
-from memray.measures.stats import kl_to_standard_normal
+from memray.measures.replication import count_replicas, replication_check
+from memray.measures.similarity import progress_to_bar
+from memray.measures.stats import kl_to_standard_normal, rate_lower_bound
 from memray.measures.z0_error import sampled_z0_error
 
 
@@ -54,6 +59,7 @@ class InvMMConfig:
     improvement_tol: float = 1e-3
     loss_window: int = 100
     check_noises: int = 8
+    confirm_noises: int = 16  # fresh noises that count a replication found by counting (the verdict's evidence)
     guidance_scales: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0)
     sampling_steps: int = 50
     prompt_init: str = "caption"  # "caption": start at the image's caption where it has one; "zero": the reference
@@ -80,6 +86,8 @@ class InvMMResult:
     guidance: np.ndarray
     prompts: list[str | None]  # the readable prompt (argmax tokens) at success or at the end
     prompt_replicated: np.ndarray  # did that readable prompt replicate on the same noises (replicated images)
+    replicas: np.ndarray  # replicated images: how many of `samples` noises replicated (the verdict's count)
+    samples: np.ndarray  # ... out of: confirm_noises when counting, the check's K under the all-K rule
     prompt_init: list[str | None]  # "caption" or "zero"; None for unconditional models
     kl_weight: np.ndarray
     reconstruction: np.ndarray
@@ -93,7 +101,7 @@ class InvMMResult:
 
 
 # What InvMMResult.trace records at each check of an image.
-TRACE_COLUMNS = ("step", "kl_nats", "similarity", "gate_similarity")
+TRACE_COLUMNS = ("step", "kl_nats", "similarity", "gate_similarity", "replicas", "counted")
 
 
 def caption_start_logits(start_ids: torch.Tensor, vocab_size: int, weight: float, temperature: float) -> torch.Tensor:
@@ -161,7 +169,7 @@ def out_of_reach(trace: np.ndarray, bar: float, null: float, config: InvMMConfig
     if steps[-1] < config.stop_after or not bar > null:
         return False
     best = np.nanmax(similarity, initial=-np.inf)
-    return bool((best - null) / (bar - null) < config.stop_progress)
+    return bool(progress_to_bar(best, null, bar) < config.stop_progress)
 
 
 class _Outputs:
@@ -175,6 +183,8 @@ class _Outputs:
         self.similarity = torch.full((batch,), torch.nan)
         self.guidance = torch.full((batch,), torch.nan)
         self.prompt_replicated = torch.zeros(batch, dtype=torch.bool)
+        self.replicas = torch.zeros(batch, dtype=torch.long)
+        self.samples = torch.zeros(batch, dtype=torch.long)
         self.kl_weight = torch.full((batch,), torch.nan)
         self.reconstruction = torch.full((batch,), torch.nan)
         self.finite = torch.ones(batch, dtype=torch.bool)
@@ -198,6 +208,8 @@ def invmm(
     start_ids=None,
     context=None,
     slots: int | None = None,
+    counting: bool = True,
+    stop_rate: float = 0.001,
     progress=None,
 ) -> InvMMResult:
     """Run InvMM on B images, at most `slots` at a time in shared UNet calls (None: all B).
@@ -207,14 +219,14 @@ def invmm(
     state and random stream; every result is the image's alone, whenever it joined.
     `targets` (similarity.Targets) holds each image's features and bar; `start_ids` (B, N) the
     caption's free-slot token ids where the prompt starts at a caption, -1 rows elsewhere; `context`
-    (B, ...) each image's caption context (model.caption_context) or None.
+    (B, ...) each image's caption context (model.caption_context) or None. `counting`: a check
+    also succeeds where k of K replicate with rate_lower_bound(KL, k / K) >= `stop_rate`, and every
+    success is counted again on fresh noises; False: the reference's all-K success alone.
     """
     batch, device, s = z0.shape[0], z0.device, config.samples_per_step
     n_slots = min(slots or batch, batch)
     delta = config.kl_weight_delta if config.kl_weight_delta is not None else model.kl_weight_delta
-    bars = targets.threshold.cpu()
-    nulls = torch.stack([targets.content_null, targets.model_null]).cpu().nan_to_num(nan=-torch.inf).amax(0)
-    nulls = torch.where(nulls.isinf(), torch.zeros_like(nulls), nulls)  # no null measured: 0
+    bars, nulls = targets.threshold.cpu(), targets.null_level()
     mu = torch.zeros(n_slots, *z0.shape[1:], device=device)
     log_var = torch.zeros_like(mu)
     opt_mu, opt_lv = RowAdam(mu), RowAdam(log_var)
@@ -281,10 +293,13 @@ def invmm(
         with torch.no_grad():
             cond = prompt.expected_condition(rows, images) if prompt is not None else None
         kl_nats = kl_to_standard_normal(mu[rows], log_var[rows], reduce="sum").cpu()
-        found = torch.zeros(len(rows), dtype=torch.bool)
+        every = torch.zeros(len(rows), dtype=torch.bool)  # all K replicated at one scale (the reference's success)
         seen = torch.full((len(rows),), torch.nan)
         guidance = torch.full((len(rows),), torch.nan)
         gate = torch.full((len(rows),), torch.nan)
+        replicas = torch.zeros(len(rows), dtype=torch.long)
+        counted = torch.zeros(len(rows), dtype=torch.long)
+        count_guidance = torch.full((len(rows),), torch.nan)
         full = torch.ones(len(rows), dtype=torch.bool)
         if config.gate_steps:  # a few-step generation of the first noise: only plausible rows get the full check
             quick = replicates(images, noises[:, :1], cond, config.gate_steps)
@@ -295,25 +310,67 @@ def invmm(
             result = replicates(
                 images[f.to(device)], noises[f.to(device)], None if cond is None else cond[f], config.sampling_steps
             )
-            found[f], seen[f], guidance[f] = result.replicated, result.similarity, result.guidance
+            every[f], seen[f], guidance[f] = result.replicated, result.similarity, result.guidance
+            replicas[f], counted[f], count_guidance[f] = result.replicas, result.counted, result.replicas_guidance
+        found = every.clone()
+        if counting:  # k of K already say plain noise replicates often enough: stop here, confirm below
+            found |= torch.tensor(
+                [
+                    n > 0 and rate_lower_bound(float(kl), int(r) / int(n)) >= stop_rate
+                    for kl, r, n in zip(kl_nats, replicas, counted)
+                ],
+                dtype=torch.bool,
+            )
         out.similarity[cpu_images] = torch.where(full, seen, gate)
         out.guidance[cpu_images] = guidance
         if prompt is not None:
             out.condition[cpu_images] = cond.cpu()
         for k, i in enumerate(cpu_images.tolist()):
-            out.trace[i].append((int(own_steps[rows[k]]), float(kl_nats[k]), float(seen[k]), float(gate[k])))
+            out.trace[i].append(
+                (
+                    int(own_steps[rows[k]]),
+                    float(kl_nats[k]),
+                    float(seen[k]),
+                    float(gate[k]),
+                    int(replicas[k]),
+                    int(counted[k]),
+                )
+            )
         hits = found.nonzero().flatten()
         if len(hits):
-            hit_images = cpu_images[hits]
+            hit_images, dev_hits = cpu_images[hits], hits.to(device)
             out.replicated[hit_images] = True
             out.kl_nats[hit_images] = kl_nats[hits]
-            out.kl[hit_images] = kl_to_standard_normal(mu[rows[hits]], log_var[rows[hits]]).cpu()
+            out.kl[hit_images] = kl_to_standard_normal(mu[rows[dev_hits]], log_var[rows[dev_hits]]).cpu()
+            hit_cond = None if cond is None else cond[hits]
+            if counting:  # fresh noises, drawn after the stop was decided: a count free of that selection
+                scale = torch.where(every[hits], guidance[hits], count_guidance[hits])
+                fresh = mu[rows[dev_hits]].unsqueeze(1) + sigma[dev_hits] * rng.randn_per_image(
+                    [gens[k] for k in hits.tolist()], (config.confirm_noises, *z0.shape[1:])
+                )
+                out.replicas[hit_images] = count_replicas(
+                    model,
+                    z0[images[dev_hits]],
+                    fresh,
+                    hit_cond,
+                    scale,
+                    similarity,
+                    targets[images[dev_hits]],
+                    owner[images[dev_hits]],
+                    num_steps=config.sampling_steps,
+                    aligned=config.aligned_start,
+                )
+                out.samples[hit_images] = config.confirm_noises
+                out.guidance[hit_images] = scale
+            else:
+                out.replicas[hit_images] = config.check_noises
+                out.samples[hit_images] = config.check_noises
             if prompt is not None:  # the second kind of evidence: a prompt a person can type
                 with torch.no_grad():
-                    readable_cond, _ = prompt.readable(rows[hits], images[hits])
-                again = replicates(images[hits], noises[hits.to(device)], readable_cond, config.sampling_steps)
+                    readable_cond, _ = prompt.readable(rows[dev_hits], images[dev_hits])
+                again = replicates(images[dev_hits], noises[dev_hits], readable_cond, config.sampling_steps)
                 out.prompt_replicated[hit_images] = again.replicated
-            finish(rows[hits.to(device)], "replicated")
+            finish(rows[dev_hits], "replicated")
         if config.early_stop:  # an image at its last step ran its budget: that is no early stop
             left = (own_steps[rows] < config.steps).cpu()
             hopeless = [
@@ -408,6 +465,8 @@ def invmm(
         guidance=out.guidance.numpy(),
         prompts=out.prompts,
         prompt_replicated=out.prompt_replicated.numpy(),
+        replicas=out.replicas.numpy(),
+        samples=out.samples.numpy(),
         prompt_init=[None] * batch
         if prompt is None
         else ["caption" if c else "zero" for c in (start_ids >= 0).any(-1).tolist()],

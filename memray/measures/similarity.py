@@ -175,6 +175,21 @@ class Targets:
     def __getitem__(self, rows) -> Targets:
         return Targets(*(getattr(self, f.name)[rows] for f in dataclasses.fields(self)))
 
+    def null_level(self) -> torch.Tensor:
+        """The higher of each image's nulls (content, model) on the CPU, 0 where neither was measured."""
+        nulls = torch.stack([self.content_null, self.model_null]).cpu().nan_to_num(nan=-torch.inf).amax(0)
+        return torch.where(nulls.isinf(), torch.zeros_like(nulls), nulls)
+
+    def progress(self, similarity: torch.Tensor) -> torch.Tensor:
+        """progress_to_bar of each image's similarity (B,), on the CPU."""
+        return progress_to_bar(similarity.cpu(), self.null_level(), self.threshold.cpu())
+
+
+def progress_to_bar(similarity, null, bar):
+    """(similarity - null) / (bar - null): the share of the way from an unrelated generation (its null
+    level) to a replica (its bar), so that one scale reads the same for every kind of similarity."""
+    return (similarity - null) / (bar - null)
+
 
 @torch.no_grad()
 def null_bank(model, similarity, count: int, num_steps: int, generator: torch.Generator) -> torch.Tensor:

@@ -1,8 +1,16 @@
-"""M6. Prompt-based screen (Wen et al., ICLR 2024): d = || eps_hat(z_t, c) - eps_hat(z_t, "") ||.
+"""M6. Prompt-based screens of a caption: Wen et al. (ICLR 2024) and Webster (2023).
 
-Averaged over the first sampling steps and a few generations from the caption; the gradient of
-d with respect to each token embedding (its L2 norm) attributes the signal to words. Cheap
-(a handful of UNet calls): a screen and an explanation, not a replacement for the image measures.
+Wen: d = || eps_hat(z_t, c) - eps_hat(z_t, "") ||, averaged over the first sampling steps and a
+few generations from the caption; the gradient of d with respect to each token embedding (its L2
+norm) attributes the signal to words.
+
+Webster's one-step denoising confidence, from the same first-step UNet calls: how far one guided
+denoising step moves the start, (x_T - x0_hat)^2 in the sampler's x = z / alpha units, which is
+(sigma_T / alpha_T)^2 eps_g^2 with eps_g = eps_u + w (eps_c - eps_u) the guided noise prediction.
+The factor is one constant per model, so memray reports mean(eps_g^2) (averaged over entries and
+generations): a memorized caption pulls every start hard towards its image.
+
+Cheap (a handful of UNet calls): screens and an explanation, not a replacement for the image measures.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ class WenResult:
 
     score: np.ndarray
     attribution: list[list[tuple[str, float]]]
+    one_step_confidence: np.ndarray  # Webster's denoising confidence at the first step
 
 
 def wen_screen(model, captions: list[str], generators, owner, config: WenConfig) -> WenResult:
@@ -44,6 +53,7 @@ def wen_screen(model, captions: list[str], generators, owner, config: WenConfig)
     z = rng.randn_per_image(generators, (g, *model.latent_shape)).flatten(0, 1)
     timesteps = model.sampling_timesteps(config.sampling_steps)
     distance = torch.zeros(batch * g, device=model.device)
+    confidence = None
     for i, t in enumerate(timesteps[: config.steps]):
         t_n = t.expand(batch * g)
         pred = model.predict(
@@ -54,6 +64,8 @@ def wen_screen(model, captions: list[str], generators, owner, config: WenConfig)
         distance = distance + (eps_c - eps_u).flatten(1).norm(dim=1)
         with torch.no_grad():
             eps = eps_u + config.guidance * (eps_c - eps_u)
+            if confidence is None:
+                confidence = eps.square().flatten(1).mean(1).reshape(batch, g).mean(1)
             z = model.sampler_step(timesteps, i, eps, z0_u + config.guidance * (z0_c - z0_u))
     score = (distance / config.steps).reshape(batch, g).mean(1)
     score.sum().backward()
@@ -65,4 +77,8 @@ def wen_screen(model, captions: list[str], generators, owner, config: WenConfig)
         attribution.append(
             [(w.replace("</w>", ""), float(v)) for tok, w, v in zip(row, words, norms) if tok not in special]
         )
-    return WenResult(score=score.detach().cpu().numpy(), attribution=attribution)
+    return WenResult(
+        score=score.detach().cpu().numpy(),
+        attribution=attribution,
+        one_step_confidence=confidence.cpu().numpy(),
+    )
