@@ -193,6 +193,12 @@ def add_pipeline_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--queue", type=int, default=4, help="each actor call brings batch-size x queue images, to keep its slots full"
     )
+    parser.add_argument(
+        "--screen-batch-size",
+        type=int,
+        default=64,
+        help="images an actor screens at once in a cascade's stage 1 (no optimiser state: size it by GPU memory)",
+    )
     parser.add_argument("--gpus-per-actor", type=float, help="default: 1 where the cluster has GPUs, else 0")
     parser.add_argument("--cpus-per-actor", type=float, default=1.0)
     parser.add_argument("--retry-errors", action="store_true", help="audit again images whose row is an error")
@@ -214,6 +220,7 @@ def pipeline_options(args):
     return PipelineOptions(
         actors=args.actors,
         batch_size=args.batch_size,
+        screen_batch_size=args.screen_batch_size,
         queue=args.queue,
         gpus_per_actor=args.gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor,
@@ -226,19 +233,112 @@ def pipeline_options(args):
     )
 
 
+def add_cascade_args(parser: argparse.ArgumentParser) -> None:
+    """The cascade's flags (docs/laion.md): screen every image, confirm the flagged and a calibration sample."""
+    group = parser.add_argument_group(
+        "cascade", "Screen every image cheaply; confirm with the full chain where it matters."
+    )
+    group.add_argument(
+        "--cascade",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="auto (default): a cascade for 1,000 images or more, or shards; off: the full chain on every image",
+    )
+    group.add_argument(
+        "--calibration-rate",
+        type=float,
+        default=0.01,
+        help="share of cleared images confirmed at random (default 0.01)",
+    )
+    group.add_argument(
+        "--calibration-min", type=int, default=20, help="at least this many of them, in expectation (default 20)"
+    )
+    group.add_argument("--per-group", action="store_true", help="confirm one flagged image per near-duplicate group")
+    group.add_argument(
+        "--duplicate-distance", type=int, default=6, help="pHash bits within which images are near-duplicates"
+    )
+    group.add_argument(
+        "--screen-only", action="store_true", help="stop after the screen and the selection (memray confirm later)"
+    )
+
+
+def cascade_options(args):
+    """CascadeOptions from the flags of add_cascade_args (a bad value is one line, exit 2)."""
+    from memray.cascade.selection import CascadeOptions
+
+    try:
+        return CascadeOptions(
+            calibration_rate=args.calibration_rate,
+            calibration_min=args.calibration_min,
+            per_group=args.per_group,
+            duplicate_distance=args.duplicate_distance,
+        )
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+
+
+def print_cascade(summary, stream=None) -> None:
+    """A cascade run's summary lines."""
+    for line in summary.lines():
+        print(line, file=stream or sys.stdout)
+
+
 def cmd_audit(args) -> int:
     """Audit every image of the sources on Ray (a local cluster is started on demand) into a catalog."""
-    from memray.distributed.pipeline import run_audit
+    from memray.distributed.pipeline import run_audit, run_cascade, wants_cascade
     from memray.models import adapter_class
     from memray.models.loading import resolve_checkpoint
 
     config = audit_config(args, adapter_class(resolve_checkpoint(args.model)))
     options = pipeline_options(args)
-    print(f"auditing {', '.join(args.sources)} with {args.model} into {args.catalog} (config {config.hash()})")
-    summary = run_audit(args.sources, args.model, args.catalog, config, options)
-    print(json.dumps(dataclasses.asdict(summary)))
-    if summary.unfinished:
-        print(f"memray: {len(summary.unfinished)} images have no row yet; run the same command again", file=sys.stderr)
+    cascade = args.cascade == "on" or (args.cascade == "auto" and wants_cascade(args.sources, options))
+    how = "a cascade: screen, then confirm" if cascade else "the full chain on every image"
+    print(f"auditing {', '.join(args.sources)} with {args.model} into {args.catalog} ({how}; config {config.hash()})")
+    if not cascade:
+        summary = run_audit(args.sources, args.model, args.catalog, config, options)
+        print(json.dumps(dataclasses.asdict(summary)))
+        unfinished = summary.unfinished
+    else:
+        run = run_cascade(
+            args.sources, args.model, args.catalog, config, options, cascade_options(args), confirm=not args.screen_only
+        )
+        print(
+            json.dumps(
+                {
+                    "screen": dataclasses.asdict(run.screen),
+                    "confirm": run.confirm and dataclasses.asdict(run.confirm),
+                    "selection": run.selection,
+                }
+            )
+        )
+        print_cascade(run.summary)
+        unfinished = run.unfinished
+    if unfinished:
+        print(f"memray: {len(unfinished)} images have no row yet; run the same command again", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_confirm(args) -> int:
+    """Stage 2 of a cascade from the catalog alone: its selection, or more cleared images on request."""
+    from memray.distributed.pipeline import run_confirm
+    from memray.models import adapter_class
+    from memray.models.loading import resolve_checkpoint
+
+    config = audit_config(args, adapter_class(resolve_checkpoint(args.model)))
+    stage2, summary = run_confirm(
+        args.catalog,
+        args.model,
+        config,
+        pipeline_options(args),
+        top=args.top,
+        threshold=args.threshold,
+        run_id=args.run,
+    )
+    print(json.dumps(dataclasses.asdict(stage2)))
+    print_cascade(summary)
+    if stage2.unfinished:
+        print(f"memray: {len(stage2.unfinished)} images have no row yet; run the same command again", file=sys.stderr)
         return 1
     return 0
 
@@ -266,6 +366,7 @@ def cmd_query(args) -> int:
 
 def cmd_status(args) -> int:
     """One screen on a catalog: its models, images, verdicts, failures and the last run."""
+    from memray.catalog.cascade import cascade_summary
     from memray.catalog.reader import Catalog
     from memray.catalog.report_queries import catalog_status
     from memray.formatting import format_table
@@ -279,6 +380,10 @@ def cmd_status(args) -> int:
             f"last run {last['run_id']} ({last['model']}): {last['rows']} rows, {last['errors']} errors, "
             f"{last['started']} .. {last['finished']}"
         )
+    for model in models.column("model").to_pylist():
+        summary = cascade_summary(catalog, model=model)
+        if summary is not None:
+            print_cascade(summary)
     for problem in catalog.ignored:
         print(f"ignored: {problem}")
     return 0
@@ -426,10 +531,22 @@ def main(argv=None) -> int:
     )
     p.add_argument("--catalog", required=True, help="catalog folder or URL (s3://bucket/memray-catalog)")
     add_pipeline_args(p)
+    add_cascade_args(p)
     add_model_args(p)
     p.set_defaults(func=cmd_audit)
 
-    p = sub.add_parser("query", help="read-only SQL over a catalog (views: audits, latest)")
+    p = sub.add_parser(
+        "confirm", help="stage 2 of a cascade from the catalog: its selection, or the most suspicious cleared images"
+    )
+    p.add_argument("catalog")
+    p.add_argument("--top", type=int, help="also confirm the N cleared images closest to their bar")
+    p.add_argument("--threshold", type=float, help="also confirm the cleared images at this screen progress or above")
+    p.add_argument("--run", help="the cascade run (default: the model's newest)")
+    add_pipeline_args(p)
+    add_model_args(p)
+    p.set_defaults(func=cmd_confirm)
+
+    p = sub.add_parser("query", help="read-only SQL over a catalog (views: audits, latest, selections, cascade)")
     p.add_argument("catalog")
     p.add_argument("sql")
     p.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")

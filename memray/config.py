@@ -89,6 +89,8 @@ class AuditConfig:
         "wen",
         "hard_prompt",
     )
+    # what a cascade's stage 1 runs on every image (its flag: start_check.flag_progress); stage 2 runs `measures`
+    screens: tuple[str, ...] = ("uncond_replication", "start_check")
     seed: int = 0
     # Autocast on GPU: bf16/fp16 change the numbers, so precision is part of the config and its hash.
     precision: str = "fp32"
@@ -122,6 +124,10 @@ class AuditConfig:
     def replace(self, **changes) -> AuditConfig:
         """A copy with nested changes: replace(invmm={"steps": 100}, seed=1)."""
         return apply_overrides(self, [], **changes)
+
+    def screen_config(self) -> AuditConfig:
+        """The configuration of a cascade's stage 1: the screens in place of the measures."""
+        return self.replace(measures=list(self.screens))
 
 
 def _build(cls, data, where: str):
@@ -188,6 +194,11 @@ def validate(config: AuditConfig) -> None:
     unknown = sorted(set(config.measures) - set(MEASURES))
     if unknown:
         problems.append(f"measures: unknown {unknown}; known: {list(MEASURES)}")
+    unknown = sorted(set(config.screens) - set(MEASURES))
+    if unknown or "start_check" not in config.screens:
+        problems.append(
+            f"screens: must name start_check (the cascade's flag) and known measures, got {list(config.screens)}"
+        )
     if config.precision not in PRECISIONS:
         problems.append(f"precision: {config.precision!r} is not one of {list(PRECISIONS)}")
     for name in config.measures:

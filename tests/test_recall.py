@@ -32,14 +32,15 @@ def test_a_census_knows_the_count_exactly():
 
 
 def simulate_run(rs, flagged_memorized, cleared, cleared_memorized, rates):
-    """One cascade run: cleared images split into strata of the given rates, each sampled by coin flips."""
+    """One cascade run: cleared images split into strata of the given rates, each a simple random sample."""
     bounds = np.linspace(0, cleared, len(rates) + 1).astype(int)
     memorized = np.zeros(cleared, dtype=bool)
     memorized[rs.choice(cleared, cleared_memorized, replace=False)] = True
     strata = []
     for (start, stop), rate in zip(zip(bounds[:-1], bounds[1:]), rates):
-        picked = rs.random(stop - start) < rate
-        strata.append(Stratum(stop - start, int(picked.sum()), int(memorized[start:stop][picked].sum()), rate))
+        size = int(np.ceil(rate * (stop - start)))
+        picked = start + rs.choice(stop - start, size, replace=False)
+        strata.append(Stratum(stop - start, size, int(memorized[picked].sum()), rate))
     return screen_recall(flagged_memorized, 0, strata)
 
 

@@ -24,6 +24,7 @@ from memray.data.images import (
     ImageDecodeError,
     decode_image,
     image_row_png,
+    perceptual_hash,
     read_bytes,
     sha256_hex,
     strip_height,
@@ -86,19 +87,21 @@ def audit_batch(
     progress=None,
     replicas: int = 4,
     slots: int | None = None,
+    stage: str = "full",
 ) -> list[ImageAudit]:
     """Audit a batch of images (paths, URLs or ImageInput) against a loaded model.
 
     The iterative measures keep at most `slots` images in flight (None: the whole batch); the
     batch is their queue. Every image InvMM replicated also gets `replicas` samples from its inverted distribution,
     drawn next to its target in `replicas_png` (0: none); their UNet work joins the row's cost.
+    `stage` names the rows' place in a cascade: "screen", "confirm", or "full" (no cascade).
     """
     model = loaded.adapter
     check_compatible(config, model)
     run_id = run_id or uuid.uuid4().hex[:12]
     started = time.perf_counter()
     inputs = [_image_input(item) for item in items]
-    audits = [ImageAudit(row=_identity_row(inp, loaded, config, run_id)) for inp in inputs]
+    audits = [ImageAudit(row=_identity_row(inp, loaded, config, run_id, stage)) for inp in inputs]
     in_flight = slots
     pixels, slots = [], []
     for i, inp in enumerate(inputs):
@@ -115,6 +118,7 @@ def audit_batch(
                 audits[i].row.image_sha256 = sha256_hex(data)
             image = decode_image(data, max_pixels=config.images.max_pixels)
             audits[i].row.width, audits[i].row.height = image.size
+            audits[i].row.phash = perceptual_hash(image)
             pixels.append(to_model_tensor(image, model.resolution, allow_upscale=config.images.allow_upscale))
             slots.append(i)
         except ImageDecodeError as exc:
@@ -233,10 +237,15 @@ def _render_replicas(loaded, image_audit: ImageAudit, config: AuditConfig, count
         row.seconds += time.perf_counter() - started
 
 
-def _identity_row(inp: ImageInput, loaded, config: AuditConfig, run_id: str) -> AuditRow:
+def _identity_row(inp: ImageInput, loaded, config: AuditConfig, run_id: str, stage: str) -> AuditRow:
     return AuditRow(
         image_id=inp.image_id,
         source=inp.source or inp.uri,
+        source_offset=inp.source_offset,
+        source_length=inp.source_length,
+        url=inp.url,
+        stage=stage,
+        selected_by=inp.selected_by,
         caption=inp.caption,
         model=loaded.slug,
         model_ref=loaded.ref,

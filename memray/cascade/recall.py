@@ -2,11 +2,10 @@
 
 The run's screened images split into the flagged (every one confirmed by InvMM: their memorized
 count M_F is known) and the cleared. Cleared images are known exactly where stage 2 confirmed
-them on request (`memray confirm --top`), and otherwise estimated from the calibration sample:
-each cleared image of stratum h entered it independently with probability r_h (Poisson sampling,
-a hash of the image and the seed), so given its size n_h the sample is a uniform sample without
-replacement of the stratum's N_h images, and the m_h memorized among them are hypergeometric in
-the stratum's unknown count M_h. The exact (Clopper-Pearson-style) hypergeometric interval of M_h
+them on request (`memray confirm --top`), and otherwise estimated from the calibration sample: in
+stratum h, a simple random sample of n_h of its N_h images (selection.py; what is left of it
+stays a simple random sample of what is left of the stratum when requested images leave it), so
+the m_h memorized among them are hypergeometric in the stratum's unknown count M_h. The exact (Clopper-Pearson-style) hypergeometric interval of M_h
 inverts the two one-sided tests; strata are joined by Bonferroni (each at level alpha / H), which
 keeps the joint coverage at least 1 - alpha.
 
@@ -31,7 +30,7 @@ class Stratum:
     population: int
     sampled: int
     memorized: int
-    rate: float  # the sampling probability each of its images had
+    rate: float  # each image's chance to be sampled (n / N at selection)
 
 
 @dataclass(frozen=True)

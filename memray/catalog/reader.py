@@ -2,7 +2,9 @@
 
 Views (in a fresh in-memory DuckDB per `Catalog.connect()`):
 - `audits`: every row of every readable memray Parquet file under the root;
-- `latest`: the newest `status = 'ok'` row per (image_id, image_sha256, model).
+- `latest`: per (image_id, image_sha256, model), the newest `status = 'ok'` row of the deepest stage
+  (a confirmed or full-chain row outranks a cascade's screen row, whatever their ages);
+- `selections` and `cascade`: the cascade's selection tables (catalog/cascade.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from memray.catalog.cascade import CASCADE_VIEW_SQL, SELECTION_FOLDER, SELECTION_SCHEMA
 from memray.catalog.files import is_local, open_fs, protocols
 from memray.catalog.schema import ARROW_SCHEMA, SCHEMA_VERSION
 from memray.errors import CatalogQueryError
@@ -43,16 +46,24 @@ SELECT * FROM read_parquet({files}, hive_partitioning = false, union_by_name = t
 """
 _AUDITS_EMPTY_SQL = "CREATE VIEW audits AS SELECT * FROM {empty}"
 # Newest ok row per (image_id, image_sha256, model): two images under one id with different bytes are
-# two images. Equal audited_at broken by run_id, config_hash, fingerprint.
+# two images. A screen row (stage 1 of a cascade) yields to any row that ran the chain on the image.
+# Equal audited_at broken by run_id, config_hash, fingerprint.
 _LATEST_SQL = """
 CREATE VIEW latest AS
 SELECT * FROM audits
 WHERE status = 'ok'
 QUALIFY row_number() OVER (
     PARTITION BY image_id, image_sha256, model
-    ORDER BY audited_at DESC NULLS LAST, run_id DESC NULLS LAST,
+    ORDER BY stage IS NOT DISTINCT FROM 'screen', audited_at DESC NULLS LAST, run_id DESC NULLS LAST,
              config_hash DESC NULLS LAST, model_fingerprint DESC NULLS LAST
 ) = 1
+"""
+_EMPTY_SELECTIONS = "_memray_empty_selections"
+_SELECTIONS_SQL = """
+CREATE VIEW selections AS
+SELECT * FROM {empty}
+UNION ALL BY NAME
+SELECT * FROM read_parquet({files}, hive_partitioning = false, union_by_name = true)
 """
 
 
@@ -79,10 +90,7 @@ class Catalog:
         """The catalog's readable memray Parquet files; the others go to `ignored`, each with a warning."""
         if not is_local(self.fs):
             self.fs.invalidate_cache(self.root)  # s3fs caches listings; see new files
-        try:
-            found = sorted(p for p in self.fs.find(self.root) if p.endswith(".parquet"))
-        except FileNotFoundError:
-            found = []
+        found = [p for p in self._parquet_files() if not p.startswith(f"{self.root}/{SELECTION_FOLDER}/")]
         good, self.ignored = [], []
         for path in found:
             try:
@@ -101,6 +109,32 @@ class Catalog:
                 log.warning("catalog %s: ignoring %s: %s", self.url, path, problem)
         return good
 
+    def _parquet_files(self) -> list[str]:
+        try:
+            return sorted(p for p in self.fs.find(self.root) if p.endswith(".parquet"))
+        except FileNotFoundError:
+            return []
+
+    def selection_files(self) -> list[str]:
+        """The cascade's selection tables under `cascade/`; an unreadable one is left out with a warning."""
+        good = []
+        for path in self._parquet_files():
+            if not path.startswith(f"{self.root}/{SELECTION_FOLDER}/"):
+                continue
+            try:
+                with self.fs.open(path, "rb") as handle:
+                    metadata = pq.read_schema(handle).metadata or {}
+            except Exception as error:  # noqa: BLE001 - as for audit files: unreadable is unreadable
+                problem = f"unreadable ({type(error).__name__}: {error})"
+            else:
+                problem = None if b"memray_selection_version" in metadata else "not a memray selection table"
+            if problem is None:
+                good.append(path)
+            else:
+                self.ignored.append(f"{path}: {problem}")
+                log.warning("catalog %s: ignoring %s: %s", self.url, path, problem)
+        return good
+
     def connect(self) -> duckdb.DuckDBPyConnection:
         """A fresh in-memory DuckDB with the views `audits` and `latest` over the catalog as it is now.
 
@@ -108,7 +142,7 @@ class Catalog:
         (except for the catalog root), spilling goes to a private temporary folder, and the
         configuration is locked.
         """
-        files = self.files()
+        files, selections = self.files(), self.selection_files()
         con = duckdb.connect(":memory:")
         try:
             con.execute("SET autoinstall_known_extensions = false")
@@ -130,6 +164,14 @@ class Catalog:
             else:
                 con.execute(_AUDITS_EMPTY_SQL.format(empty=_EMPTY_TABLE))
             con.execute(_LATEST_SQL)
+            con.from_arrow(pa.Table.from_batches([], schema=SELECTION_SCHEMA)).create(_EMPTY_SELECTIONS)
+            listed = "[" + ", ".join(_sql_string(_glob_escape(self._duckdb_path(f))) for f in selections) + "]"
+            con.execute(
+                _SELECTIONS_SQL.format(empty=_EMPTY_SELECTIONS, files=listed)
+                if selections
+                else f"CREATE VIEW selections AS SELECT * FROM {_EMPTY_SELECTIONS}"
+            )
+            con.execute(CASCADE_VIEW_SQL)
 
             con.execute("SET allowed_directories = [" + ", ".join(_sql_string(a) for a in sorted(allowed)) + "]")
             con.execute("SET enable_external_access = false")

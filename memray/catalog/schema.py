@@ -28,6 +28,8 @@ class AuditRow:
     image_id: str
     image_sha256: str | None = None
     source: str | None = None
+    source_offset: int | None = None  # the image's bytes inside `source`'s container (tar member): a ranged read
+    source_length: int | None = None
     caption: str | None = None
     width: int | None = None
     height: int | None = None

@@ -74,6 +74,14 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def perceptual_hash(image: Image.Image) -> str:
+    """The image's 64-bit DCT perceptual hash (imagehash.phash) as 16 hex digits: near-duplicates
+    (resized, re-encoded, lightly edited copies) differ in a few bits."""
+    import imagehash
+
+    return str(imagehash.phash(image))
+
+
 def read_bytes(uri: str, *, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
     """Read a local path or any fsspec URL into memory: at most `max_bytes`, from a regular file.
 

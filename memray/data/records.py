@@ -18,8 +18,14 @@ class ImageInput:
     data: bytes | None = None
     uri: str | None = None
     caption: str | None = None
-    source: str | None = None
+    source: str | None = None  # where it was read: the file, or `{shard or parquet}#{key}` for a member
     error: str | None = None  # a fault found while reading (e.g. a truncated shard): recorded as is
+    url: str | None = None  # where it was downloaded from, when the source says (img2dataset's url)
+    # the bytes' place inside the container of `source` (an uncompressed tar member): one ranged read
+    # finds them again without re-reading the shard (memray confirm)
+    source_offset: int | None = None
+    source_length: int | None = None
+    selected_by: str | None = None  # why the cascade's stage 2 audits it: "screen", "calibration" or "request"
 
 
 def record(image_id: str, **fields) -> dict:

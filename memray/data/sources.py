@@ -701,19 +701,24 @@ def _member_id(unit: Unit, key: str) -> str:
     return f"{stable_path_id(unit.uri, unit.root)}/{key}"
 
 
-def _tar_samplerecord(unit: Unit, key: str, parts: dict, exts: list[str], sidecar: _SiblingCaptions) -> dict:
+def _tar_samplerecord(
+    unit: Unit, key: str, parts: dict, exts: list[str], sidecar: _SiblingCaptions, places: dict
+) -> dict:
     source = f"{unit.uri}#{key}"
     image_id = _member_id(unit, key)
     caption = _clean_caption(parts.get("txt"))
     if caption is None:
         caption = sidecar.get(key)
-    if caption is None and "json" in parts:
+    meta = None
+    if "json" in parts:
         try:
             meta = json.loads(parts["json"])
         except ValueError:
             meta = None
-        if isinstance(meta, dict) and isinstance(meta.get("caption"), str):
-            caption = _clean_caption(meta["caption"])
+    meta = meta if isinstance(meta, dict) else {}
+    if caption is None and isinstance(meta.get("caption"), str):
+        caption = _clean_caption(meta["caption"])
+    url = meta.get("url") if isinstance(meta.get("url"), str) else None
     image_ext = next((ext for ext in _TAR_IMAGE_EXTS if ext in exts), None)
     if image_ext is None:
         return record(
@@ -726,7 +731,16 @@ def _tar_samplerecord(unit: Unit, key: str, parts: dict, exts: list[str], sideca
             caption=caption,
             error=f"image member {key}.{image_ext} is over {MAX_IMAGE_BYTES} bytes, not read",
         )
-    return record(image_id, source=source, data=parts[image_ext], caption=caption)
+    offset, length = places.get(image_ext, (None, None))
+    return record(
+        image_id,
+        source=source,
+        data=parts[image_ext],
+        caption=caption,
+        url=url,
+        source_offset=offset,
+        source_length=length,
+    )
 
 
 def _read_tar(unit: Unit) -> Iterator[dict]:
@@ -742,7 +756,9 @@ def _read_tar(unit: Unit) -> Iterator[dict]:
         return
     state: dict = {}
     done = 0
-    key, parts, exts = None, {}, []
+    key, parts, exts, places = None, {}, [], {}
+    # Members of an uncompressed tar sit at fixed byte offsets: one ranged read finds one again.
+    plain = unit.uri.lower().endswith(".tar")
     damage = None
     try:
         archive = tarfile.open(fileobj=raw, mode="r|*", tarinfo=_end_aware_tarinfo(state))
@@ -759,13 +775,15 @@ def _read_tar(unit: Unit) -> Iterator[dict]:
             member_key, ext = split
             if member_key != key:
                 if key is not None:
-                    yield _tar_samplerecord(unit, key, parts, exts, sidecar)
+                    yield _tar_samplerecord(unit, key, parts, exts, sidecar, places)
                     done += 1
-                key, parts, exts = member_key, {}, []
+                key, parts, exts, places = member_key, {}, [], {}
             exts.append(ext)
             # Only images and caption files are read; everything else (.pkl, .pt, .npy) stays unread.
             if ext in _TAR_IMAGE_EXTS and ext not in parts and member.size <= MAX_IMAGE_BYTES:
                 parts[ext] = _read_member(archive, member)
+                if plain:
+                    places[ext] = (member.offset_data, member.size)
             elif ext in ("txt", "json") and member.size <= MAX_TEXT_BYTES:
                 parts[ext] = _read_member(archive, member)
         if state.get("end") != "clean":
@@ -778,7 +796,7 @@ def _read_tar(unit: Unit) -> Iterator[dict]:
         opened.__exit__(None, None, None)
     if damage is None:
         if key is not None:
-            yield _tar_samplerecord(unit, key, parts, exts, sidecar)
+            yield _tar_samplerecord(unit, key, parts, exts, sidecar, places)
         return
     # The last sample may be missing members (or be cut inside its image): only samples whose end
     # was seen are trusted.

@@ -153,17 +153,27 @@ class RunLedger:
         """The unit was read to its end, yielding `keys`."""
         write_bytes(self._path(unit_uri), json.dumps({"unit": unit_uri, "keys": keys}).encode())
 
-    def unfinished(self, unit_uris: list[str], written: set[tuple[str, str | None]]) -> list[str]:
-        """Images read but without a row, and units never read to their end (as `unit: <uri>`)."""
+    def _keys(self, unit_uri: str) -> set[tuple[str, str | None]] | None:
+        try:
+            with fsspec.open(self._path(unit_uri), "rb") as handle:
+                return {tuple(key) for key in json.loads(handle.read())["keys"]}
+        except FileNotFoundError:
+            return None
+
+    def keys(self, unit_uris: list[str]) -> set[tuple[str, str | None]]:
+        """Every image the units held, audited in this run or skipped by resume (units read to their end)."""
+        return set().union(*(self._keys(uri) or set() for uri in unit_uris))
+
+    def unfinished(self, unit_uris: list[str], finished: set[tuple[str, str | None]]) -> list[str]:
+        """Images read but without a row (written now or before), and units never read to their end
+        (as `unit: <uri>`)."""
         missing = []
         for uri in unit_uris:
-            try:
-                with fsspec.open(self._path(uri), "rb") as handle:
-                    keys = {tuple(key) for key in json.loads(handle.read())["keys"]}
-            except FileNotFoundError:
+            keys = self._keys(uri)
+            if keys is None:
                 missing.append(f"unit: {uri}")
                 continue
-            missing += sorted(image_id for image_id, sha in keys - written)
+            missing += sorted(image_id for image_id, sha in keys - finished)
         return missing
 
     def remove(self) -> None:

@@ -1,14 +1,21 @@
 """The distributed audit: Ray Data from image sources to Auditor actors to the Parquet catalog.
 
 The only module that imports ray. Reading runs in Ray tasks, one per unit (an image file, a
-webdataset shard, an img2dataset parquet, a manifest); auditing runs in an actor pool whose
-actors each hold one loaded model; the driver streams result rows into the catalog as they
-arrive. A crash loses at most the rows still buffered, and a rerun finishes the work: resume
-skips every image that already has a row for the same model fingerprint and config hash.
+webdataset shard, an img2dataset parquet, a manifest, or a chunk of images located by their
+catalog rows); auditing runs in an actor pool whose actors each hold one loaded model; the
+driver streams result rows into the catalog as they arrive. A crash loses at most the rows still
+buffered, and a rerun finishes the work: resume skips every image that already has a row for the
+same model fingerprint and config hash.
+
+A cascade (run_cascade) is two such stages: the screens on every image, then, once every image is
+screened, the selection (memray.cascade.selection) and the full chain on the selected images, each
+read again by one ranged read from where the screen found it (memray.data.locate).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -23,11 +30,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from memray.auditing.runner import audit_batch, check_compatible
+from memray.cascade.selection import CascadeOptions, Screened, select
+from memray.catalog.cascade import CascadeSummary, cascade_summary, screened_rows, write_selection
 from memray.catalog.reader import Catalog
 from memray.catalog.schema import AuditRow, rows_to_table
 from memray.catalog.writer import CatalogWriter, check_writable
 from memray.config import AuditConfig, ConfigError, from_dict
 from memray.data.images import sha256_hex
+from memray.data.locate import read_located
 from memray.data.records import ImageInput
 from memray.data.sources import Unit, count_images, list_units, read_unit
 from memray.distributed.bookkeeping import CrashJournal, RunLease, RunLedger
@@ -41,6 +51,7 @@ class PipelineOptions:
 
     actors: int = 1
     batch_size: int = 4  # slots per actor: images its iterative measures optimise at once (sized by GPU memory)
+    screen_batch_size: int = 64  # images an actor screens at once in a cascade's stage 1 (no optimiser state)
     queue: int = 4  # each actor call brings batch_size * queue images: freed slots take the next at once
     gpus_per_actor: float | None = None  # None: 1 where the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0
@@ -60,7 +71,7 @@ class PipelineOptions:
     def __post_init__(self):
         problems = [
             f"{name} must be at least 1, got {getattr(self, name)}"
-            for name in ("actors", "batch_size", "queue", "rows_per_file", "max_worker_deaths")
+            for name in ("actors", "batch_size", "screen_batch_size", "queue", "rows_per_file", "max_worker_deaths")
             if not getattr(self, name) >= 1
         ]
         if not self.cpus_per_actor > 0:
@@ -78,7 +89,9 @@ class PipelineError(ConfigError):
 class Auditor:
     """Ray actor: loads the model once, maps a batch of source records to catalog rows."""
 
-    def __init__(self, model_ref: str, config_json: str, run_id: str, options: PipelineOptions, journal: CrashJournal):
+    def __init__(
+        self, model_ref: str, config_json: str, run_id: str, options: PipelineOptions, journal: CrashJournal, stage: str
+    ):
         from memray.models import load_model
 
         self.config = from_dict(json.loads(config_json))
@@ -88,7 +101,8 @@ class Auditor:
         self.run_id = run_id
         self.journal = journal
         self.max_worker_deaths = options.max_worker_deaths
-        self.slots = options.batch_size
+        self.stage = stage
+        self.slots = options.screen_batch_size if stage == "screen" else options.batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         inputs = [ImageInput(**record) for record in batch.to_pylist()]
@@ -109,7 +123,7 @@ class Auditor:
                 )
             else:
                 self.journal.mark(_key(inp), deaths[_key(inp)])
-        audits = audit_batch(self.loaded, inputs, self.config, run_id=self.run_id, slots=self.slots)
+        audits = audit_batch(self.loaded, inputs, self.config, run_id=self.run_id, slots=self.slots, stage=self.stage)
         for inp in inputs:
             self.journal.unmark(_key(inp))
         return [a.row for a in audits]
@@ -122,26 +136,39 @@ def _key(record) -> tuple[str, str | None]:
     return image_id, None if data is None else sha256_hex(data)
 
 
+def _unit_row(unit: Unit) -> dict:
+    """A unit of reading work as a Ray Data row."""
+    return {"kind": unit.kind, "uri": unit.uri, "root": unit.root, "allowed": list(unit.allowed), "located": ""}
+
+
 def _read_records(unit_row: dict, *, skip: frozenset, ledger: RunLedger) -> Iterator[dict]:
-    """The records of one unit, minus images that resume skips (their bytes never leave the task)."""
-    unit = Unit(kind=unit_row["kind"], uri=unit_row["uri"], root=unit_row["root"], allowed=tuple(unit_row["allowed"]))
+    """The records of one unit, minus images that resume skips (their bytes never leave the task).
+
+    The ledger keeps every image of the unit, skipped ones too: the run's population.
+    """
+    allowed = tuple(unit_row["allowed"])
+    if unit_row["kind"] == "located":
+        records = (read_located(located, allowed) for located in json.loads(unit_row["located"]))
+    else:
+        records = read_unit(Unit(kind=unit_row["kind"], uri=unit_row["uri"], root=unit_row["root"], allowed=allowed))
     keys = []
-    for record in read_unit(unit):
+    for record in records:
         key = _key(record)
+        keys.append(key)
         if key not in skip:
-            keys.append(key)
             yield record
-    ledger.record(unit.uri, keys)
+    ledger.record(unit_row["uri"], keys)
 
 
 class ProgressLog:
     """Images done / total, errors, rate and ETA: a bar redrawn in place on a terminal, a plain line
     every `every_seconds` elsewhere (the log of a `ray job submit` job)."""
 
-    def __init__(self, total: int | None, every_seconds: float = 10.0, stream=None):
+    def __init__(self, total: int | None, every_seconds: float = 10.0, stream=None, verb: str = "audited"):
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty()
         self.total, self.every = total, 1.0 if self.tty else every_seconds
+        self.verb = verb
         self.done = self.errors = 0
         self.started = self.last = time.monotonic()
 
@@ -160,10 +187,11 @@ class ProgressLog:
         if self.total:
             eta = (self.total - self.done) / (rate / 3600) if rate else float("inf")
             line = (
-                f"audited {self.done}/{self.total} images ({self.errors} errors), {rate:.0f} images/h, ETA {eta:.0f} s"
+                f"{self.verb} {self.done}/{self.total} images ({self.errors} errors), {rate:.0f} images/h, "
+                f"ETA {eta:.0f} s"
             )
         else:
-            line = f"audited {self.done} images ({self.errors} errors), {rate:.0f} images/h"
+            line = f"{self.verb} {self.done} images ({self.errors} errors), {rate:.0f} images/h"
         if not self.tty:
             print(line, file=self.stream, flush=True)
             return
@@ -225,37 +253,243 @@ def run_audit(
     options: PipelineOptions = PipelineOptions(),
 ) -> AuditSummary:
     """Audit every image of `sources` with `model_ref`, appending rows to the catalog at `catalog_url`."""
+    _, fingerprint = preflight(model_ref, catalog_url, config, options)
+    units = _list_sources(sources, options)
+    with _ray_session(options):
+        summary, _ = _run_stage([_unit_row(u) for u in units], model_ref, fingerprint, catalog_url, config, options)
+    return summary
+
+
+@dataclass
+class CascadeRun:
+    """What a cascade run did: its two stages, its selection table, and the screen's recall."""
+
+    screen: AuditSummary
+    confirm: AuditSummary | None  # None when stage 2 was left for later (memray confirm)
+    selection: str  # the selection table's path
+    summary: CascadeSummary
+
+    @property
+    def unfinished(self) -> list[str]:
+        """Images of either stage without a row: a rerun picks them up."""
+        return self.screen.unfinished + (self.confirm.unfinished if self.confirm else [])
+
+
+CASCADE_FROM_IMAGES = 1000
+
+
+def wants_cascade(sources: list[str], options: PipelineOptions) -> bool:
+    """The default for `--cascade auto`: a cascade for large inputs, CASCADE_FROM_IMAGES images or
+    more, or shards whose count only a full read could tell (LAION-sized by nature)."""
+    counts = [count_images(unit) for unit in _list_sources(sources, options)]
+    return None in counts or sum(counts) >= CASCADE_FROM_IMAGES
+
+
+def run_cascade(
+    sources: list[str],
+    model_ref: str,
+    catalog_url: str,
+    config: AuditConfig,
+    options: PipelineOptions = PipelineOptions(),
+    cascade: CascadeOptions | None = None,
+    *,
+    confirm: bool = True,
+) -> CascadeRun:
+    """Screen every image of `sources`, select, and confirm the selection with the full chain (module docstring)."""
+    from memray.models.loading import model_slug
+
+    cascade = cascade or CascadeOptions()
+    screen_config = config.screen_config()
+    _, fingerprint = preflight(model_ref, catalog_url, config, options)
+    check_compatible(screen_config, _adapter_class(model_ref))
+    units = _list_sources(sources, options)
+    allowed = _located_prefixes(units, options)
+    slug = model_slug(model_ref, fingerprint)
+    with _ray_session(options):
+        screened, population = _run_stage(
+            [_unit_row(u) for u in units], model_ref, fingerprint, catalog_url, screen_config, options, stage="screen"
+        )
+        rows = screened_rows(Catalog(catalog_url), fingerprint, screen_config.hash(), population)
+        selection = select([_screened(row) for row in rows], cascade, config.seed)
+        path = write_selection(
+            catalog_url,
+            selection,
+            run_id=screened.run_id,
+            model=slug,
+            model_fingerprint=fingerprint,
+            screen_config_hash=screen_config.hash(),
+            confirm_config_hash=config.hash(),
+            allowed=list(allowed),
+            options=dataclasses.asdict(cascade),
+        )
+        confirmed = None
+        if confirm:
+            by_key = {(row["image_id"], row["image_sha256"]): row for row in rows}
+            chosen = [
+                {**by_key[(s.image_id, s.image_sha256)], "selected_by": s.selected_by}
+                for s in selection
+                if s.selected_by is not None
+            ]
+            confirmed = confirm_located(chosen, model_ref, fingerprint, catalog_url, config, options, allowed)
+    summary = cascade_summary(Catalog(catalog_url), model=slug, run_id=screened.run_id, confidence=cascade.confidence)
+    return CascadeRun(screened, confirmed, path, summary)
+
+
+def confirm_located(
+    located: list[dict],
+    model_ref: str,
+    fingerprint: str,
+    catalog_url: str,
+    config: AuditConfig,
+    options: PipelineOptions,
+    allowed: tuple[str, ...],
+    *,
+    chunk: int = 64,
+) -> AuditSummary:
+    """Stage 2: the full chain on images located by their screen rows (read again in one ranged read
+    each, inside `allowed`), in the order given; Ray must be running (_ray_session)."""
+    units = [
+        {
+            "kind": "located",
+            "uri": f"located:{start // chunk:06d}",
+            "root": None,
+            "allowed": list(allowed),
+            "located": json.dumps(located[start : start + chunk]),
+        }
+        for start in range(0, len(located), chunk)
+    ]
+    summary, _ = _run_stage(units, model_ref, fingerprint, catalog_url, config, options, stage="confirm")
+    return summary
+
+
+def run_confirm(
+    catalog_url: str,
+    model_ref: str,
+    config: AuditConfig,
+    options: PipelineOptions = PipelineOptions(),
+    *,
+    top: int | None = None,
+    threshold: float | None = None,
+    run_id: str | None = None,
+    confidence: float = 0.95,
+) -> tuple[AuditSummary, CascadeSummary]:
+    """Stage 2 later, from the catalog alone: the selection of a cascade run (the newest of the model
+    unless `run_id`) not confirmed yet, or on request the `top` cleared images closest to their bar
+    and those at `threshold` progress or above; each read again from where it was screened.
+    Returns stage 2's summary and the run's cascade summary with the new verdicts."""
+    from memray.catalog.cascade import selection_run
+    from memray.models.loading import model_slug
+
+    _, fingerprint = preflight(model_ref, catalog_url, config, options)
+    slug = model_slug(model_ref, fingerprint)
+    catalog = Catalog(catalog_url, must_exist=True)
+    try:
+        run_id, rows, allowed = selection_run(catalog, slug, run_id)
+    except LookupError as error:
+        raise PipelineError(f"{error}: run `memray audit --cascade` first") from error
+    if top is None and threshold is None:
+        chosen = [row for row in rows if row["selected_by"] and not row["confirmed"]]
+    else:
+
+        def progress(row: dict) -> float:
+            return row["screen_progress"] if row["screen_progress"] is not None else float("-inf")
+
+        cleared = sorted(
+            (row for row in rows if not (row["flagged"] or row["selected_by"] or row["confirmed"])),
+            key=progress,
+            reverse=True,
+        )
+        chosen = [
+            {**row, "selected_by": "request"}
+            for k, row in enumerate(cleared)
+            if (top is not None and k < top) or (threshold is not None and progress(row) >= threshold)
+        ]
+    allowed = tuple(allowed) + tuple(options.allow_uri_prefixes)
+    with _ray_session(options):
+        confirmed = confirm_located(chosen, model_ref, fingerprint, catalog_url, config, options, allowed)
+    return confirmed, cascade_summary(Catalog(catalog_url), model=slug, run_id=run_id, confidence=confidence)
+
+
+def _screened(row: dict) -> Screened:
+    return Screened(
+        row["image_id"], row["image_sha256"], bool(row["screen_flagged"]), row["screen_progress"], row["phash"]
+    )
+
+
+def _adapter_class(model_ref: str):
+    from memray.models import adapter_class
+    from memray.models.loading import resolve_checkpoint
+
+    return adapter_class(resolve_checkpoint(model_ref))
+
+
+def _list_sources(sources: list[str], options: PipelineOptions) -> list[Unit]:
+    return [u for source in sources for u in list_units(source, allow_uri_prefixes=options.allow_uri_prefixes)]
+
+
+def _located_prefixes(units: list[Unit], options: PipelineOptions) -> tuple[str, ...]:
+    """Where stage 2 may read images again: the run's sources (a folder's root, a shard or file itself,
+    and what a manifest may point into)."""
+    allowed = set(options.allow_uri_prefixes)
+    for unit in units:
+        allowed.update(unit.allowed if unit.kind == "manifest" else (unit.root or unit.uri,))
+    return tuple(sorted(allowed))
+
+
+@contextlib.contextmanager
+def _ray_session(options: PipelineOptions):
+    """Ray for the audit: the job's cluster under `ray job submit`, the one already initialised, or a
+    private local one started (and stopped) here; Ray's own output quiet unless `verbose`."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        # Under `ray job submit` RAY_ADDRESS names the job's cluster; elsewhere start a private
+        # local Ray rather than joining whatever cluster last ran on this machine.
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS") or "local",
+            log_to_driver=options.verbose,
+            logging_level=logging.INFO if options.verbose else logging.ERROR,
+        )
+    if not options.verbose:  # Ray's own progress bars and plans: memray prints its own progress
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = context.print_on_execution_start = False
+        for name in ("ray", "ray.data"):  # ray.data's logger does not propagate to ray's
+            logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+_VERBS = {"full": "audited", "screen": "screened", "confirm": "confirmed"}
+
+
+def _run_stage(
+    units: list[dict],
+    model_ref: str,
+    fingerprint: str,
+    catalog_url: str,
+    config: AuditConfig,
+    options: PipelineOptions,
+    *,
+    stage: str = "full",
+) -> tuple[AuditSummary, set[tuple[str, str | None]]]:
+    """One pass of Ray Data over `units` into the catalog; (its summary, every image key it held)."""
     import ray
 
     from memray.models.loading import model_slug
 
     started = time.monotonic()
-    _, fingerprint = preflight(model_ref, catalog_url, config, options)
-    units = [u for source in sources for u in list_units(source, allow_uri_prefixes=options.allow_uri_prefixes)]
     run_id = uuid.uuid4().hex[:12]
     lease = RunLease(catalog_url, fingerprint, config.hash(), run_id)
     lease.acquire()  # a second audit of the same model and config into this catalog refuses here
-    started_ray = False
     try:
         done = Catalog(catalog_url).completed_keys(fingerprint, config.hash(), include_errors=not options.retry_errors)
-        counts = [count_images(unit) for unit in units]
+        counts = [len(json.loads(u["located"])) if u["located"] else count_images(_unit(u)) for u in units]
         total = None if None in counts else max(0, sum(counts) - len(done))
         log.info("run %s: %d units, %s images to audit, %d already audited", run_id, len(units), total, len(done))
-
-        started_ray = not ray.is_initialized()
-        if started_ray:
-            # Under `ray job submit` RAY_ADDRESS names the job's cluster; elsewhere start a private
-            # local Ray rather than joining whatever cluster last ran on this machine.
-            ray.init(
-                address=os.environ.get("RAY_ADDRESS") or "local",
-                log_to_driver=options.verbose,
-                logging_level=logging.INFO if options.verbose else logging.ERROR,
-            )
-        if not options.verbose:  # Ray's own progress bars and plans: memray prints its own progress
-            context = ray.data.DataContext.get_current()
-            context.enable_progress_bars = context.print_on_execution_start = False
-            for name in ("ray", "ray.data"):  # ray.data's logger does not propagate to ray's
-                logging.getLogger(name).setLevel(logging.ERROR)
         gpus = options.gpus_per_actor
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
@@ -263,17 +497,16 @@ def run_audit(
         journal = CrashJournal(catalog_url, fingerprint, config.hash(), run_id)
         ledger = RunLedger(catalog_url, run_id)
         ray.data.DataContext.get_current().max_errored_blocks = options.max_failed_batches
-        dataset = ray.data.from_items(
-            [{"kind": u.kind, "uri": u.uri, "root": u.root, "allowed": list(u.allowed)} for u in units]
-        )
+        dataset = ray.data.from_items(units)
         dataset = dataset.flat_map(functools.partial(_read_records, skip=frozenset(done), ledger=ledger))
         # One block per actor call: rows stream out as each call finishes (not when a whole shard has),
         # and a call that fails past its retries loses only itself.
-        call_size = options.batch_size * options.queue
+        slots = options.screen_batch_size if stage == "screen" else options.batch_size
+        call_size = slots * options.queue
         dataset = dataset.repartition(target_num_rows_per_block=call_size)
         dataset = dataset.map_batches(
             Auditor,
-            fn_constructor_args=(model_ref, config.to_json(), run_id, options, journal),
+            fn_constructor_args=(model_ref, config.to_json(), run_id, options, journal, stage),
             batch_size=call_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=options.actors),
@@ -281,7 +514,7 @@ def run_audit(
             num_cpus=options.cpus_per_actor,
         )
         writer = CatalogWriter(catalog_url, target_rows=options.rows_per_file, max_seconds=options.flush_seconds)
-        progress = ProgressLog(total)
+        progress = ProgressLog(total, verb=_VERBS[stage])
         written: set[tuple[str, str | None]] = set()
         try:
             for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -291,21 +524,26 @@ def run_audit(
         finally:
             writer.close()
         progress.print(final=True)
-        unfinished = ledger.unfinished([u.uri for u in units], written)
+        unit_uris = [u["uri"] for u in units]
+        population = ledger.keys(unit_uris)
+        unfinished = ledger.unfinished(unit_uris, written | done)
         ledger.remove()
     finally:
-        if started_ray:
-            ray.shutdown()
         lease.release()
     if unfinished:
         log.warning("%d images have no row yet (their batch failed); rerun to audit them", len(unfinished))
-    return AuditSummary(
+    summary = AuditSummary(
         run_id=run_id,
         model=model_slug(model_ref, fingerprint),
         rows=progress.done,
         errors=progress.errors,
-        skipped=len(done),
+        skipped=len(population & done),
         unfinished=unfinished,
         files=list(writer.files),
         seconds=time.monotonic() - started,
     )
+    return summary, population
+
+
+def _unit(unit_row: dict) -> Unit:
+    return Unit(kind=unit_row["kind"], uri=unit_row["uri"], root=unit_row["root"], allowed=tuple(unit_row["allowed"]))

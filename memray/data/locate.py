@@ -1,0 +1,62 @@
+"""Read an image again from where a catalog row says it was read, without re-reading its shard.
+
+A row's `source` names the file, or `{container}#{key}` for a member of a shard or an image parquet;
+for a member of an uncompressed tar, `source_offset` and `source_length` say where its bytes sit,
+so one ranged read (a single GET on object storage) brings them back. Other members are found by
+reading their container again. The bytes must hash to the row's `image_sha256`, or the record is
+an error: the image changed since it was screened. Reads stay inside the prefixes the run was
+allowed to read (its sources), like every other read of untrusted locations.
+"""
+
+from __future__ import annotations
+
+import fsspec
+
+from memray.data.images import MAX_IMAGE_BYTES, ImageDecodeError, read_bytes, sha256_hex
+from memray.data.records import record
+from memray.data.sources import Unit, read_unit, uri_allowed
+
+
+def _container_kind(container: str) -> str:
+    lower = container.lower()
+    return "parquet" if lower.endswith(".parquet") else "tar"
+
+
+def _member_bytes(container: str, source: str) -> bytes:
+    """The bytes of one member, found by reading its container again (compressed tars, parquet)."""
+    for found in read_unit(Unit(kind=_container_kind(container), uri=container)):
+        if found["source"] == source:
+            if found["error"]:
+                raise ImageDecodeError(found["error"])
+            return found["data"]
+    raise ImageDecodeError(f"{source}: no such member in {container} any more")
+
+
+def read_located(located: dict, allowed: tuple[str, ...]) -> dict:
+    """The record of one image read again from its row's place (keys: image_id, image_sha256, source,
+    source_offset, source_length, caption, url, selected_by); faults become the record's error."""
+    source = located["source"]
+    container = source.rpartition("#")[0] if "#" in source else source
+    keep = {k: located.get(k) for k in ("caption", "url", "source_offset", "source_length", "selected_by")}
+    try:
+        if not uri_allowed(container, allowed):
+            raise ImageDecodeError(f"{container} is outside the sources this run may read ({', '.join(allowed)})")
+        offset, length = located.get("source_offset"), located.get("source_length")
+        if offset is not None and length is not None:
+            if not 0 <= length <= MAX_IMAGE_BYTES:
+                raise ImageDecodeError(f"{source}: {length} bytes is over the {MAX_IMAGE_BYTES}-byte cap")
+            fs, path = fsspec.core.url_to_fs(container)
+            data = fs.cat_file(path, start=offset, end=offset + length)
+        elif "#" in source:
+            data = _member_bytes(container, source)
+        else:
+            data = read_bytes(source)
+    except ImageDecodeError as error:
+        return record(located["image_id"], source=source, error=str(error), **keep)
+    except Exception as error:  # noqa: BLE001 - any storage fault belongs to this image alone
+        return record(located["image_id"], source=source, error=f"cannot read {source} again: {error}", **keep)
+    expected = located.get("image_sha256")
+    if expected and sha256_hex(data) != expected:
+        problem = f"the bytes at {source} changed since the screen read them (sha256 {expected[:12]}...)"
+        return record(located["image_id"], source=source, error=problem, **keep)
+    return record(located["image_id"], source=source, data=data, **keep)
