@@ -360,7 +360,6 @@ def quick_config() -> AuditConfig:
             loss_window=20,
             confirm_noises=4,
         ),
-        start_check=StartCheckConfig(noises=2, steps=5),
         wen=WenConfig(generations=2, steps=1, sampling_steps=10),
         similarity=SimilarityConfig(null_samples=16),
     )

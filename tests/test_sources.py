@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import dataclasses
 import gzip
 import io
 import json
@@ -25,6 +26,7 @@ import pytest
 from PIL import Image
 
 import memray.data.sources as sources
+from memray.data.records import ImageInput
 from memray.data.sources import (
     SourceError,
     Unit,
@@ -152,7 +154,12 @@ def test_folder_of_img2dataset_shards_lists_tars_not_their_parquets(shard_folder
         assert record["source"] == f"{folder / (shard + '.tar')}#{key}"
         # .txt wins over the sibling parquet and the .json
         assert record["caption"] == f"a photo {int(shard)}-{int(key[5:])}"
-    assert set(records[0]) == {"image_id", "data", "uri", "caption", "source", "error"}
+    assert set(records[0]) == {f.name for f in dataclasses.fields(ImageInput)}
+    # an uncompressed shard's member is where the record says: one ranged read finds its bytes again
+    for record in records:
+        with open(record["source"].rpartition("#")[0], "rb") as shard:
+            shard.seek(record["source_offset"])
+            assert shard.read(record["source_length"]) == record["data"]
 
 
 def test_tar_caption_falls_back_to_sibling_parquet_then_json(tmp_path):

@@ -1,0 +1,238 @@
+"""Does the cascade find what InvMM on every image finds, at a fraction of the cost, and say how much it missed?
+
+For a set of images with ground truth, in one setting (caption known or not):
+
+1. stage 1, the screens (AuditConfig.screen_config) on every image;
+2. the selection (memray.cascade.selection): the flagged images and a calibration sample;
+3. stage 2, the full chain on the selection; where InvMM on every image was affordable and ran,
+   its rows are the selected images' stage-2 rows (an image's result does not depend on its
+   batch: tests/test_invariants.py), so both are measured from one set of InvMM runs;
+4. the run's summary (memray.catalog.cascade.summarize): the screen's recall and its interval.
+
+Everything goes through the runner (memray.auditing.runner.audit_batch), the selection and the
+summary the product uses; no step is re-implemented here. Cost is counted in UNet
+sample-evaluations (forward and backward), the machine-independent cost, and projected to
+GPU-hours per million images for Stable Diffusion 1.5 from its FLOPs per evaluation.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from memray.auditing.runner import audit_batch
+from memray.cascade.selection import CascadeOptions, Screened, select
+from memray.catalog.cascade import CascadeSummary, summarize
+from memray.catalog.schema import AuditRow
+from memray.config import AuditConfig
+from memray.data.records import ImageInput
+
+# Stable Diffusion 1.5's UNet at 512 px, GFLOP per sample-evaluation, counted by torch.utils.flop_counter
+# (python jobs/benchmark_throughput.py --arch sd15 --unet-only --batch 2, on this project's CPU).
+SD15_GFLOP_FORWARD = 677.2
+SD15_GFLOP_FORWARD_BACKWARD = 1351.4
+H100_BF16_PEAK_TFLOPS = 989.0
+
+
+@dataclass
+class Labelled:
+    """An image of a benchmark set: its input and its ground truth ("positive", "negative", "borderline")."""
+
+    item: ImageInput
+    truth: str
+
+
+@dataclass
+class CascadeOutcome:
+    """One cascade over one set in one setting, beside InvMM on every image where that ran."""
+
+    screen: list[AuditRow]
+    selected: dict[str, str]  # image_id -> selected_by
+    stage2: dict[str, AuditRow]  # image_id -> its stage-2 row
+    summary: CascadeSummary
+    everyone: dict[str, AuditRow] | None  # InvMM on every image, where it ran
+    seconds: dict[str, float]
+
+
+def run_rows(loaded, items: list[ImageInput], config: AuditConfig, *, stage: str, batch_size: int, slots: int | None):
+    """Rows of `items` under `config`, batch by batch, through the runner (no replicas drawn)."""
+    rows = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        rows += [a.row for a in audit_batch(loaded, chunk, config, stage=stage, replicas=0, slots=slots)]
+    return rows
+
+
+def run_cascade(
+    loaded,
+    items: list[ImageInput],
+    config: AuditConfig,
+    options: CascadeOptions,
+    *,
+    everyone: list[AuditRow] | None = None,
+    batch_size: int = 16,
+    slots: int | None = None,
+) -> CascadeOutcome:
+    """Screen, select, confirm (or take the selected images' rows of `everyone`), summarize."""
+    seconds = {}
+    started = time.perf_counter()
+    screen = run_rows(loaded, items, config.screen_config(), stage="screen", batch_size=batch_size, slots=None)
+    seconds["screen"] = time.perf_counter() - started
+    ok = [row for row in screen if row.status == "ok"]
+    selection = select(
+        [Screened(r.image_id, r.image_sha256, bool(r.screen_flagged), r.screen_progress, r.phash) for r in ok],
+        options,
+        config.seed,
+    )
+    selected = {s.image_id: s.selected_by for s in selection if s.selected_by}
+    if everyone is not None:
+        by_id = {row.image_id: row for row in everyone}
+        stage2 = {image_id: by_id[image_id] for image_id in selected}
+        seconds["stage2"] = sum(by_id[image_id].seconds for image_id in selected)
+    else:
+        chosen = [item for item in items if item.image_id in selected]
+        started = time.perf_counter()
+        rows = run_rows(loaded, chosen, config, stage="confirm", batch_size=batch_size, slots=slots)
+        seconds["stage2"] = time.perf_counter() - started
+        stage2 = {row.image_id: row for row in rows}
+    table = [
+        {
+            "flagged": s.flagged,
+            "selected_by": s.selected_by,
+            "confirmed_via": s.confirmed_via,
+            "calibration_rate": s.calibration_rate,
+            "verdict": stage2[s.image_id].verdict
+            if s.image_id in stage2 and stage2[s.image_id].status == "ok"
+            else None,
+        }
+        for s in selection
+    ]
+    summary = summarize("benchmark", loaded.slug, table, options.confidence)
+    return CascadeOutcome(
+        screen, selected, stage2, summary, None if everyone is None else {r.image_id: r for r in everyone}, seconds
+    )
+
+
+def evaluations(rows) -> tuple[float, float]:
+    """Total UNet (forward, backward) sample-evaluations of rows."""
+    return float(sum(r.unet_forwards or 0 for r in rows)), float(sum(r.unet_backwards or 0 for r in rows))
+
+
+def gpu_hours_per_million(forwards: float, backwards: float, utilisation: float) -> float:
+    """GPU-hours a million images take on an H100 in bf16 at `utilisation`, for SD 1.5, given per-image
+    forward and backward sample-evaluations."""
+    flops = forwards * SD15_GFLOP_FORWARD + backwards * (SD15_GFLOP_FORWARD_BACKWARD - SD15_GFLOP_FORWARD)
+    return flops * 1e9 * 1e6 / (H100_BF16_PEAK_TFLOPS * 1e12 * utilisation) / 3600
+
+
+def report(name: str, labelled: list[Labelled], outcome: CascadeOutcome, utilisation: float) -> list[str]:
+    """The benchmark's lines for one set and setting: cost, selection, recall against the truth and
+    against InvMM on every image, the recall estimate and whether it covers the truth."""
+    truth = {x.item.image_id: x.truth for x in labelled}
+    ok = [row for row in outcome.screen if row.status == "ok"]
+    n = len(ok)
+    screen_f, screen_b = evaluations(ok)
+    stage2_f, stage2_b = evaluations(outcome.stage2.values())
+    flagged = {r.image_id for r in ok if r.screen_flagged}
+    calibration = sum(v == "calibration" for v in outcome.selected.values())
+    lines = [
+        f"{name}: {n} images screened ({len(outcome.screen) - n} error rows), "
+        f"{sum(t == 'positive' for t in truth.values())} positives, {sum(t == 'borderline' for t in truth.values())} borderline",
+        f"  screen: {screen_f / n:.0f} UNet forwards per image; flagged {len(flagged)} ({len(flagged) / n:.1%}); "
+        f"stage 2: {len(outcome.selected)} images ({len(outcome.selected) / n:.1%}: {calibration} calibration)",
+    ]
+    memorized = {image_id for image_id, row in outcome.stage2.items() if row.verdict == "memorized"}
+    found = memorized & flagged
+    positives = {i for i, t in truth.items() if t == "positive"}
+    lines.append(
+        f"  truth: positives flagged {len(positives & flagged)}/{len(positives)}, judged memorized "
+        f"{len(positives & found)}/{len(positives)}; borderline flagged "
+        f"{len({i for i, t in truth.items() if t == 'borderline'} & flagged)}; "
+        f"negatives judged memorized {sum(truth.get(i) == 'negative' for i in memorized)}"
+    )
+    total_f, total_b = screen_f + stage2_f, screen_b + stage2_b
+    if outcome.everyone is not None:
+        every = [row for row in outcome.everyone.values() if row.status == "ok"]
+        every_f, every_b = evaluations(every)
+        invmm_memorized = {r.image_id for r in every if r.verdict == "memorized"}
+        true_recall = len(invmm_memorized & flagged) / len(invmm_memorized) if invmm_memorized else float("nan")
+        lines.append(
+            f"  against InvMM on every image: it judges {len(invmm_memorized)} memorized, the cascade finds "
+            f"{len(invmm_memorized & memorized)} of them (screen recall {true_recall:.3f}); evaluations per image "
+            f"{(every_f + every_b) / n:.0f} against the cascade's {(total_f + total_b) / n:.0f} "
+            f"({(every_f + every_b) / (total_f + total_b):.1f}x fewer)"
+        )
+        reference = (every_f / n, every_b / n)
+    else:  # the calibration sample is a simple random sample of the cleared: their mean cost estimates the rest's
+        cleared = [outcome.stage2[i] for i, by in outcome.selected.items() if by == "calibration"]
+        mean = np.mean([(r.unet_forwards, r.unet_backwards) for r in cleared], axis=0) if cleared else (np.nan, np.nan)
+        flagged_rows = [outcome.stage2[i] for i in flagged if i in outcome.stage2]
+        flagged_f, flagged_b = evaluations(flagged_rows)
+        rest = n - len(flagged_rows)
+        reference = ((flagged_f + rest * mean[0]) / n, (flagged_b + rest * mean[1]) / n)
+        lines.append(
+            f"  InvMM on every image, estimated from the calibration sample's cost: {sum(reference):.0f} evaluations "
+            f"per image against the cascade's {(total_f + total_b) / n:.0f} ({sum(reference) * n / (total_f + total_b):.1f}x fewer)"
+        )
+    estimate = outcome.summary.recall
+    covered = ""
+    if estimate.recall is not None and positives:
+        truth_recall = len(positives & flagged) / len(positives)
+        inside = estimate.recall_low <= truth_recall <= estimate.recall_high
+        covered = f"; the truth's {truth_recall:.3f} is {'inside' if inside else 'OUTSIDE'} the interval"
+    lines.append(f"  screen {estimate.statement()}{covered}")
+    lines.append(
+        f"  SD 1.5 at {utilisation:.0%} of an H100's bf16 peak: the cascade "
+        f"{gpu_hours_per_million(total_f / n, total_b / n, utilisation):,.0f} GPU-hours per million images, "
+        f"InvMM on every image {gpu_hours_per_million(*reference, utilisation):,.0f}"
+    )
+    return lines
+
+
+def truth_class(trained: bool, caption_rate: float | None) -> str:
+    """The demo benchmark's classes: positive (trained, its caption replicates it from at least half
+    of the noises), negative (never trained, or a rate of 0), borderline otherwise."""
+    if not trained or not caption_rate:
+        return "negative"
+    return "positive" if caption_rate >= 0.5 else "borderline"
+
+
+def demo_set(with_caption: bool) -> list[Labelled]:
+    """The shipped demo set with its ground truth (memray/demo_assets/images)."""
+    from memray.demo import read_demo_manifest, trained_demo_manifest
+
+    manifest = trained_demo_manifest()
+    return [
+        Labelled(
+            ImageInput(
+                record["id"],
+                data=(manifest.parent / record["uri"]).read_bytes(),
+                caption=(record["caption"] or None) if with_caption else None,
+            ),
+            truth_class(record["duplicates"] > 0, record["truth_caption_rate"]),
+        )
+        for record in read_demo_manifest(manifest)
+    ]
+
+
+def laion_set(url: str, with_caption: bool) -> list[Labelled]:
+    """A set written by evaluation.laion.write_laion_set, read through memray's own shard reader;
+    normal training images (unmeasured) count as negatives, as the demo set's all measure 0."""
+    from memray.data.sources import list_units, read_unit
+    from memray.evaluation.laion import read_truth
+
+    truth = {row["key"]: row for row in read_truth(url)}
+    labelled = []
+    for unit in list_units(f"{url.rstrip('/')}/*.tar"):
+        for record in read_unit(unit):
+            row = truth.get(record["image_id"].rsplit("/", 1)[-1])
+            if row is None or record["data"] is None:
+                continue
+            item = ImageInput(**record)
+            if not with_caption:
+                item.caption = None
+            trained = row["split"] in ("planted", "normal")
+            labelled.append(Labelled(item, truth_class(trained, row["truth_caption_rate"] if trained else 0.0)))
+    return labelled
