@@ -21,7 +21,7 @@ import torch
 from memray.cascade.selection import CascadeOptions
 from memray.config import apply_overrides, load_config
 from memray.demo import demo_audit_config
-from memray.evaluation.cascade import demo_set, laion_set, report, run_cascade, run_rows
+from memray.evaluation.cascade import audit_rows, demo_set, laion_set, report, run_cascade
 from memray.evaluation.laion import write_laion_set
 from memray.models import load_model
 
@@ -60,13 +60,13 @@ def main() -> None:
             setting_config = config.replace(invmm={"prompt_init": "caption" if SETTINGS[setting] else "zero"})
             everyone = None
             if name == "demo":
-                everyone = run_rows(loaded, items, setting_config, stage="full", batch_size=16, slots=None)
+                everyone = audit_rows(loaded, items, setting_config, stage="full", batch_size=16, slots=None)
                 reference = setting_config.replace(verdict={"evidence": "all"})
                 verdicts = {
                     label: [row.verdict for row in rows]
                     for label, rows in (
                         ("counting", everyone),
-                        ("all-K", run_rows(loaded, items, reference, stage="full", batch_size=16, slots=None)),
+                        ("all-K", audit_rows(loaded, items, reference, stage="full", batch_size=16, slots=None)),
                     )
                 }
                 for label, found in verdicts.items():

@@ -154,6 +154,8 @@ def print_rows(rows, stream=None, truth: dict[str, str] | None = None) -> None:
     columns = [
         "image_id",
         "verdict",
+        "stage",
+        "screen_progress",
         "uncond_replication_rate",
         "invmm_kl",
         "invmm_similarity",
@@ -400,24 +402,29 @@ def cmd_migrate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The main job on the embedded default: the demo model with planted memorization, on its demo images."""
+    """The main job on the embedded default: the demo model with planted memorization, on its demo images,
+    as a cascade: every image screened, the flagged ones and a calibration sample confirmed."""
+    from memray.cascade.selection import CascadeOptions
     from memray.catalog.reader import Catalog
     from memray.catalog.report_queries import run_rows
     from memray.catalog.schema import AuditRow
     from memray.config import load_config
     from memray.demo import demo_audit_config, write_demo_sample
-    from memray.distributed.pipeline import PipelineOptions, run_audit
+    from memray.distributed.pipeline import PipelineOptions, run_cascade
 
     out = Path(args.out)
     manifest, truth = write_demo_sample(out / "demo-images", None if args.all else args.per_group)
     config = load_config(args.config or demo_audit_config())
     catalog = str(out / "catalog")
     options = PipelineOptions(cpus_per_actor=1, verbose=args.verbose)
-    summary = run_audit([str(manifest)], "demo", catalog, config, options)
-    print_rows([AuditRow(**row) for row in run_rows(Catalog(catalog), summary.run_id)], truth=truth)
+    cascade = CascadeOptions(calibration_min=args.calibration_min)
+    run = run_cascade([str(manifest)], "demo", catalog, config, options, cascade)
+    rows = run_rows(Catalog(catalog), run.screen.run_id, *([run.confirm.run_id] if run.confirm else []))
+    print_rows([AuditRow(**row) for row in rows], truth=truth)
+    print_cascade(run.summary)
     print(f'catalog: {catalog}  (memray query {catalog} "SELECT * FROM latest")', file=sys.stderr)
     print(f"report: memray report {catalog} --out {out / 'report.html'}", file=sys.stderr)
-    return 0 if not summary.unfinished else 1
+    return 0 if not run.unfinished else 1
 
 
 def cmd_config(args) -> int:
@@ -561,6 +568,9 @@ def main(argv=None) -> int:
     )
     p.add_argument("--all", action="store_true", help="the whole demo set")
     p.add_argument("--config", help="an audit configuration instead of the demo's (memray/demo_assets/audit.toml)")
+    p.add_argument(
+        "--calibration-min", type=int, default=2, help="cleared images confirmed at random to state the recall"
+    )
     p.add_argument("--verbose", action="store_true", help="show Ray's own logs and progress bars")
     p.set_defaults(func=cmd_demo)
 

@@ -15,12 +15,14 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import png_bytes
+from conftest import png_bytes, tiny_flags
 from test_distributed import SMALL_FLAGS, rows_by_id, write_shard
 
 from memray.catalog.reader import Catalog
+from memray.evaluation.laion import write_laion_set
 
 pytestmark = pytest.mark.slow
+pytest_plugins = ["s3server"]
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -79,6 +81,34 @@ def test_ray_job_submit_runs_the_audit_job(ray_head, tiny_sd_dir, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "audited 3/3 images" in result.stdout
     assert sorted(rows_by_id(str(catalog))) == ["img0.png", "img1.png", "img2.png"]
+
+
+def test_ray_job_submit_runs_a_cascade_over_laion_shards_in_s3(ray_head, s3_bucket, s3_endpoint, tmp_path):
+    """The card's main use: img2dataset shards in object storage, the demo model (its memorization is
+    known), `ray job submit` to a `ray start` cluster, the catalog in object storage, then SQL."""
+    env, address, _ = ray_head
+    laion = f"s3://{s3_bucket}/laion"
+    write_laion_set(laion, 48, shard_size=24, copies=2)
+    catalog = f"s3://{s3_bucket}/memray-catalog"
+    aws = {key: os.environ[key] for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    runtime = json.dumps({"env_vars": {**aws, "AWS_ENDPOINT_URL": s3_endpoint}})
+    command = ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--runtime-env-json",
+               runtime, "--", "python", "jobs/audit.py", f"{laion}/{{00000..00001}}.tar", "--model", "demo",
+               "--catalog", catalog, "--calibration-min", "3", "--cpus-per-actor", "0.5", *tiny_flags(),
+               "--set", 'measures=["invmm","uncond_replication"]', "--set", "similarity.null_samples=16"]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "a cascade: screen, then confirm" in result.stdout  # shards: the cascade by default
+    assert "cascade run" in result.stdout and "screen recall" in result.stdout
+    view = (
+        Catalog(catalog)
+        .query("SELECT image_id, flagged, selected_by, confirmed_verdict, dup_count FROM cascade ORDER BY image_id")
+        .to_pylist()
+    )
+    assert len(view) == 42  # 48 rows: 4 failed downloads and 2 truncated JPEGs (error rows) have no selection
+    assert all((r["confirmed_verdict"] is not None) == (r["selected_by"] is not None) for r in view)
+    assert any(r["confirmed_verdict"] == "memorized" for r in view)  # a planted image the demo model memorized
+    assert max(r["dup_count"] for r in view) >= 2  # the copies of a planted image form a group
 
 
 def _audit_job(folder: Path, model: Path, catalog: Path, *flags: str) -> list[str]:

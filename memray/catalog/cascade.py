@@ -162,7 +162,7 @@ def screened_rows(catalog, fingerprint: str, config_hash: str, keys: set[tuple[s
     con = catalog.connect()
     try:
         con.register("population", population)
-        result = con.execute(_SCREENED_SQL, {"fingerprint": fingerprint, "config_hash": config_hash})
+        result = con.sql(_SCREENED_SQL, params={"fingerprint": fingerprint, "config_hash": config_hash})
         return result.to_arrow_table().to_pylist()
     finally:
         con.close()
@@ -180,6 +180,12 @@ WHERE sel.run_id = $run_id AND sel.model = $model
 _LAST_RUN_SQL = "SELECT run_id, model FROM selections {where} ORDER BY created_at DESC, run_id DESC LIMIT 1"
 
 
+def _newest_run(con, where: str, params: dict) -> tuple[str, str] | None:
+    """(run_id, model) of the newest selection table matching `where`, or None."""
+    rows = con.execute(_LAST_RUN_SQL.format(where=where), params).fetchall()
+    return rows[0] if rows else None
+
+
 def cascade_summary(catalog, *, model: str | None = None, run_id: str | None = None, confidence: float = 0.95):
     """The summary of a cascade run (the newest, of `model` if given), or None where none ran."""
     con = catalog.connect()
@@ -188,11 +194,11 @@ def cascade_summary(catalog, *, model: str | None = None, run_id: str | None = N
             f"{name} = ${name}" for name, value in (("model", model), ("run_id", run_id)) if value is not None
         )
         params = {name: value for name, value in (("model", model), ("run_id", run_id)) if value is not None}
-        found = con.execute(_LAST_RUN_SQL.format(where=where if params else ""), params).fetchone()
+        found = _newest_run(con, where if params else "", params)
         if found is None:
             return None
         run_id, model = found
-        rows = con.execute(_RUN_SQL, {"run_id": run_id, "model": model}).to_arrow_table().to_pylist()
+        rows = con.sql(_RUN_SQL, params={"run_id": run_id, "model": model}).to_arrow_table().to_pylist()
     finally:
         con.close()
     return summarize(run_id, model, rows, confidence)
@@ -256,11 +262,11 @@ def selection_run(catalog, model: str, run_id: str | None = None) -> tuple[str, 
     try:
         params = {"model": model} | ({"run_id": run_id} if run_id else {})
         where = "WHERE model = $model" + (" AND run_id = $run_id" if run_id else "")
-        found = con.execute(_LAST_RUN_SQL.format(where=where), params).fetchone()
+        found = _newest_run(con, where, params)
         if found is None:
             raise LookupError(f"no cascade run of model {model}" + (f" with run id {run_id}" if run_id else ""))
         run_id = found[0]
-        rows = con.execute(_SELECTION_SQL, {"model": model, "run_id": run_id}).to_arrow_table().to_pylist()
+        rows = con.sql(_SELECTION_SQL, params={"model": model, "run_id": run_id}).to_arrow_table().to_pylist()
     finally:
         con.close()
     (path,) = [p for p in catalog.selection_files() if p.endswith(f"-{run_id}.parquet")]

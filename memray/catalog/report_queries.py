@@ -77,7 +77,12 @@ ORDER BY {_RANK} LIMIT 1
 """
 
 
-_RUN_SQL = f"SELECT * FROM audits WHERE run_id = $run_id ORDER BY status <> 'ok', {_RANK}"
+# The rows runs wrote, one per image: a cascade's confirmed row in place of its screen row.
+_RUN_SQL = f"""
+SELECT * FROM audits WHERE list_contains($run_ids, run_id)
+QUALIFY row_number() OVER (PARTITION BY image_id, image_sha256 ORDER BY stage IS NOT DISTINCT FROM 'screen') = 1
+ORDER BY status <> 'ok', {_RANK}
+"""
 _STATUS_SQL = f"""
 WITH models AS ({_MODELS_SQL}),
 failed AS (SELECT model, count(*) AS failed FROM ({_ERRORS_SQL}) GROUP BY model)
@@ -99,11 +104,12 @@ def catalog_status(catalog: Catalog) -> tuple[pa.Table, dict | None]:
         con.close()
 
 
-def run_rows(catalog: Catalog, run_id: str) -> list[dict]:
-    """Every row one audit run wrote, most memorized first (the report's ranking), errors last."""
+def run_rows(catalog: Catalog, *run_ids: str) -> list[dict]:
+    """One row per image the runs wrote (a cascade's two stages: the confirmed row where there is one),
+    most memorized first (the report's ranking), errors last."""
     con = catalog.connect()
     try:
-        return _records(con, _RUN_SQL, run_id=run_id)
+        return _records(con, _RUN_SQL, run_ids=list(run_ids))
     finally:
         con.close()
 

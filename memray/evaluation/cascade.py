@@ -56,7 +56,7 @@ class CascadeOutcome:
     seconds: dict[str, float]
 
 
-def run_rows(loaded, items: list[ImageInput], config: AuditConfig, *, stage: str, batch_size: int, slots: int | None):
+def audit_rows(loaded, items: list[ImageInput], config: AuditConfig, *, stage: str, batch_size: int, slots: int | None):
     """Rows of `items` under `config`, batch by batch, through the runner (no replicas drawn)."""
     rows = []
     for start in range(0, len(items), batch_size):
@@ -78,7 +78,7 @@ def run_cascade(
     """Screen, select, confirm (or take the selected images' rows of `everyone`), summarize."""
     seconds = {}
     started = time.perf_counter()
-    screen = run_rows(loaded, items, config.screen_config(), stage="screen", batch_size=batch_size, slots=None)
+    screen = audit_rows(loaded, items, config.screen_config(), stage="screen", batch_size=batch_size, slots=None)
     seconds["screen"] = time.perf_counter() - started
     ok = [row for row in screen if row.status == "ok"]
     selection = select(
@@ -94,7 +94,7 @@ def run_cascade(
     else:
         chosen = [item for item in items if item.image_id in selected]
         started = time.perf_counter()
-        rows = run_rows(loaded, chosen, config, stage="confirm", batch_size=batch_size, slots=slots)
+        rows = audit_rows(loaded, chosen, config, stage="confirm", batch_size=batch_size, slots=slots)
         seconds["stage2"] = time.perf_counter() - started
         stage2 = {row.image_id: row for row in rows}
     table = [
