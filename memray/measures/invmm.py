@@ -22,7 +22,11 @@ Departures from the reference (docs/science.md): the networks are frozen; the pr
 distribution starts at the image's caption where it has one (any start gives an upper bound
 on a minimum over prompts), with a share `prompt_init_weight` of each slot's mix on the
 caption's token; a check at step 0 measures N(0, I) itself; the check is staged
-(replication.py) so failing checks cost 1/K of the generations.
+(replication.py) so failing checks cost 1/K of the generations; checks count (above).
+
+The code, piece by piece: `_Slots` is the per-image state (one row per slot); `_Run.step` is the
+loss and its Adam step; `_Run.adapt_and_check` the adaptive weight; `_Run.check` (with `sample`
+and `leave_replicated`) the success check; `_Run.fill` and `_Run.finish` the slot scheduler.
 """
 
 from __future__ import annotations
@@ -196,6 +200,355 @@ class _Outputs:
         self.trace: list[list] = [[] for _ in range(batch)]
 
 
+@dataclass
+class _Check:
+    """What one success check of b rows saw: its draws, and per row (CPU) the KL, the similarities and the counts."""
+
+    noises: torch.Tensor  # (b, K, ...)
+    cond: torch.Tensor | None
+    sigma: torch.Tensor
+    generators: list
+    kl_nats: torch.Tensor
+    every: torch.Tensor  # all K replicated at one scale: the reference's success
+    similarity: torch.Tensor
+    guidance: torch.Tensor
+    gate: torch.Tensor
+    replicas: torch.Tensor  # k of the K at the scale where most replicated
+    counted: torch.Tensor  # K where a scale ran all K, else 0
+    count_guidance: torch.Tensor
+
+    @classmethod
+    def empty(cls, b: int, noises, cond, sigma, generators) -> _Check:
+        nan = torch.full((b,), torch.nan)
+        zero = torch.zeros(b, dtype=torch.long)
+        return cls(noises, cond, sigma, generators, nan.clone(), torch.zeros(b, dtype=torch.bool), nan.clone(),
+                   nan.clone(), nan.clone(), zero.clone(), zero.clone(), nan.clone())  # fmt: skip
+
+
+class _Slots:
+    """The per-image state, one row per slot: which image holds it, that image's noise distribution
+    N(mu, sigma^2) and prompt distribution with their Adam states, its KL weight w, its loss history
+    and its own step count. A slot handed to a new image starts it exactly as a fresh run would."""
+
+    def __init__(self, count: int, latent_shape, steps: int, prompt, device):
+        self.image = torch.full((count,), -1, dtype=torch.long, device=device)  # -1: free
+        self.mu = torch.zeros(count, *latent_shape, device=device)
+        self.log_var = torch.zeros_like(self.mu)
+        self.opt_mu, self.opt_log_var = RowAdam(self.mu), RowAdam(self.log_var)
+        self.prompt = prompt  # _PromptDistribution, None for unconditional models
+        self.weight = torch.zeros(count, device=device)
+        self.history = torch.full((count, steps), torch.nan, device=device)
+        self.previous_check = torch.full((count,), torch.inf, device=device)
+        self.own_steps = torch.zeros(count, dtype=torch.long, device=device)
+
+    def occupied(self) -> torch.Tensor:
+        return (self.image >= 0).nonzero().flatten()
+
+    def free(self) -> list[int]:
+        return (self.image < 0).nonzero().flatten().tolist()
+
+    def start(self, rows: torch.Tensor, images: torch.Tensor, start_ids, kl_weight: float) -> None:
+        """Hand `rows` to `images`: N(0, I), the starting prompt, fresh optimisers, step 0."""
+        self.image[rows] = images
+        self.mu[rows], self.log_var[rows] = 0.0, 0.0
+        self.opt_mu.reset(rows)
+        self.opt_log_var.reset(rows)
+        if self.prompt is not None:
+            self.prompt.start(rows, start_ids[images])
+        self.weight[rows] = kl_weight
+        self.history[rows] = torch.nan
+        self.previous_check[rows] = torch.inf
+        self.own_steps[rows] = 0
+
+
+class _Run:
+    """One call of invmm(): the slot scheduler (fill, finish), the optimisation step, the adaptive KL
+    weight and the success check, as methods over the inputs, the slots and the outputs."""
+
+    def __init__(
+        self, model, z0, generators, owner, config, similarity, targets, *, start_ids, context, slots, counting, stop_rate, progress
+    ):  # fmt: skip
+        self.model, self.z0, self.generators, self.owner = model, z0, generators, owner
+        self.config, self.similarity, self.targets = config, similarity, targets
+        self.counting, self.stop_rate, self.progress = counting, stop_rate, progress
+        batch, device = z0.shape[0], z0.device
+        self.delta = config.kl_weight_delta if config.kl_weight_delta is not None else model.kl_weight_delta
+        self.bars, self.nulls = targets.threshold.cpu(), targets.null_level()
+        count = min(slots or batch, batch)
+        prompt, condition_shape = None, None
+        if model.is_conditional:
+            free = min(config.free_tokens or model.num_free_slots, model.num_free_slots)
+            if start_ids is None or config.prompt_init == "zero":
+                start_ids = torch.full((batch, free), -1, dtype=torch.long)
+            start_ids = start_ids[:, :free].to(device)
+            prompt = _PromptDistribution(model, config, count, free, device, context)
+            condition_shape = model.empty_condition(1).shape[1:]
+        self.start_ids = start_ids
+        self.slots = _Slots(count, z0.shape[1:], config.steps, prompt, device)
+        self.queue = iter(range(batch))
+        self.out = _Outputs(batch, z0, condition_shape)
+        self.budget_done, self.budget_total = 0, batch * config.steps
+        self.iterations = self.image_steps = 0
+
+    def run(self) -> InvMMResult:
+        """Until every image has left: fill free slots, one step for the occupied, then adapt and check."""
+        while True:
+            self.fill()
+            rows = self.slots.occupied()
+            if not len(rows):
+                return self.result()
+            rows = self.step(rows)
+            self.adapt_and_check(rows)
+            slots = self.slots
+            self.finish(((slots.image >= 0) & (slots.own_steps >= self.config.steps)).nonzero().flatten(), "budget")
+
+    # -- the scheduler ------------------------------------------------------------------------------
+
+    def fill(self) -> None:
+        """Hand free slots to the next images of the queue (and check each at its start)."""
+        while True:
+            pairs = list(zip(self.slots.free(), itertools.islice(self.queue, len(self.slots.free()))))
+            if not pairs:
+                return
+            device = self.z0.device
+            rows = torch.tensor([slot for slot, _ in pairs], device=device)
+            images = torch.tensor([i for _, i in pairs], device=device)
+            self.slots.start(rows, images, self.start_ids, self.config.kl_weight_init)
+            if not self.config.check_at_start:
+                return
+            self.check(rows)
+
+    def finish(self, rows: torch.Tensor, reason: str) -> None:
+        """The images in `rows` leave their slots with their results."""
+        if not len(rows):
+            return
+        slots, out = self.slots, self.out
+        images = slots.image[rows].cpu()
+        out.steps[images] = slots.own_steps[rows].cpu()
+        out.mu[images], out.log_var[images] = slots.mu[rows].cpu(), slots.log_var[rows].cpu()
+        out.kl_weight[images] = slots.weight[rows].cpu()
+        out.reconstruction[images] = slots.history[rows, (slots.own_steps[rows] - 1).clamp_min(0)].cpu()
+        if slots.prompt is not None:
+            with torch.no_grad():
+                texts = slots.prompt.readable(rows, slots.image[rows])[1]
+        for k, i in enumerate(images.tolist()):
+            out.stop_reason[i] = reason
+            if slots.prompt is not None:
+                out.prompts[i] = texts[k]
+        self.budget_done += int((self.config.steps - slots.own_steps[rows]).sum())
+        slots.image[rows] = -1
+
+    # -- the step: || z0_hat - z0 ||^2 + w KL over S draws of (noise, t, token mix) -----------------
+
+    def step(self, rows: torch.Tensor) -> torch.Tensor:
+        """One Adam step of the occupied `rows`; an image whose loss or gradients are not finite leaves.
+        Returns the rows that stepped."""
+        slots, config, s = self.slots, self.config, self.config.samples_per_step
+        images = slots.image[rows]
+        self.iterations, self.image_steps = self.iterations + 1, self.image_steps + len(rows)
+        gens = [self.generators[i] for i in images.tolist()]
+        noise = rng.randn_per_image(gens, (s, *self.z0.shape[1:]))
+        t = rng.randint_per_image(gens, self.model.num_train_timesteps, (s,)).flatten()
+        p_mu, p_lv = slots.mu[rows].requires_grad_(), slots.log_var[rows].requires_grad_()
+        eps = (p_mu.unsqueeze(1) + (0.5 * p_lv).exp().unsqueeze(1) * noise).flatten(0, 1)
+        params, cond = [p_mu, p_lv], None
+        if slots.prompt is not None:
+            p_logits = slots.prompt.logits[rows].requires_grad_()
+            params.append(p_logits)
+            cond = slots.prompt.sampled_condition(p_logits, gens, s, images)
+        z0, owner = self.z0[images].repeat_interleave(s, 0), self.owner[images].repeat_interleave(s)
+        recon = sampled_z0_error(self.model, z0, eps, t, cond, owner).reshape(len(rows), s).mean(1)
+        (recon + slots.weight[rows] * kl_to_standard_normal(p_mu, p_lv)).sum().backward()
+
+        ok = recon.detach().isfinite() & torch.stack([p.grad.flatten(1).isfinite().all(1) for p in params]).all(0)
+        if not ok.all():
+            self.out.finite[images[~ok].cpu()] = False
+            self.finish(rows[~ok], "nonfinite")
+        keep, rows = ok.nonzero().flatten(), rows[ok]
+        slots.opt_mu.step(rows, p_mu.grad[keep], config.lr)
+        slots.opt_log_var.step(rows, p_lv.grad[keep], config.lr)
+        if slots.prompt is not None:
+            slots.prompt.opt.step(rows, p_logits.grad[keep], slots.prompt.lr)
+        slots.history[rows, slots.own_steps[rows]] = recon.detach()[keep]
+        slots.own_steps[rows] += 1
+        self.budget_done += len(rows)
+        if self.progress is not None:
+            self.progress("InvMM", self.budget_done, self.budget_total)
+        return rows
+
+    def adapt_and_check(self, rows: torch.Tensor) -> None:
+        """The adaptive KL weight: w += delta every step; every C steps, halve it instead where the running
+        reconstruction loss improved by less than xi since the previous check, and check those rows."""
+        slots, config = self.slots, self.config
+        due = slots.own_steps[rows] % config.check_every == 0
+        slots.weight[rows[~due]] += self.delta
+        checked = rows[due]
+        if not len(checked):
+            return
+        window = _window_mean(slots.history[checked], slots.own_steps[checked], config.loss_window)
+        stalled = slots.previous_check[checked] - window < config.improvement_tol
+        slots.weight[checked] = torch.where(stalled, slots.weight[checked] / 2, slots.weight[checked] + self.delta)
+        slots.previous_check[checked] = window
+        self.check(checked)
+
+    # -- the success check ----------------------------------------------------------------------------
+
+    def replicates(self, images, noises, cond, num_steps: int):
+        """Do these images' noises (b, K, ...) under `cond` replicate their targets? (replication_check)"""
+        return replication_check(
+            self.model,
+            self.z0[images],
+            noises,
+            cond,
+            self.config.guidance_scales,
+            self.similarity,
+            self.targets[images],
+            self.owner[images],
+            num_steps=num_steps,
+            aligned=self.config.aligned_start,
+        )
+
+    def check(self, rows: torch.Tensor) -> None:
+        """The success check of `rows`: replicated images leave with their KL and counted evidence,
+        hopeless ones with the early stop; every check joins its image's trace."""
+        found = self.sample(rows)
+        images = self.slots.image[rows].cpu()
+        for k, i in enumerate(images.tolist()):
+            self.out.trace[i].append(
+                (int(self.slots.own_steps[rows[k]]), float(found.kl_nats[k]), float(found.similarity[k]),
+                 float(found.gate[k]), int(found.replicas[k]), int(found.counted[k]))
+            )  # fmt: skip
+        success = found.every.clone()
+        if self.counting:  # k of K already say plain noise replicates often enough: stop here, confirm below
+            success |= torch.tensor(
+                [
+                    n > 0 and rate_lower_bound(float(kl), int(r) / int(n)) >= self.stop_rate
+                    for kl, r, n in zip(found.kl_nats, found.replicas, found.counted)
+                ],
+                dtype=torch.bool,
+            )
+        hits = success.nonzero().flatten()
+        if len(hits):
+            self.leave_replicated(rows, hits, found)
+        if self.config.early_stop:  # an image at its last step ran its budget: that is no early stop
+            left = (self.slots.own_steps[rows] < self.config.steps).cpu()
+            bars, nulls, trace = self.bars, self.nulls, self.out.trace
+            hopeless = [
+                k
+                for k, i in enumerate(images.tolist())
+                if left[k]
+                and not success[k]
+                and out_of_reach(np.array(trace[i]), float(bars[i]), float(nulls[i]), self.config)
+            ]
+            self.finish(rows[torch.tensor(hopeless, dtype=torch.long, device=rows.device)], "early_stop")
+
+    def sample(self, rows: torch.Tensor) -> _Check:
+        """K noises from each row's N(mu, sigma^2) under its expected token mix, generated and compared
+        (staged: replication.py); a few-step gate first where it is on."""
+        slots, config, device = self.slots, self.config, self.z0.device
+        images, cpu_images = slots.image[rows], slots.image[rows].cpu()
+        gens = [self.generators[i] for i in cpu_images.tolist()]
+        sigma = (0.5 * slots.log_var[rows]).exp().unsqueeze(1)
+        noises = slots.mu[rows].unsqueeze(1) + sigma * rng.randn_per_image(
+            gens, (config.check_noises, *self.z0.shape[1:])
+        )
+        with torch.no_grad():
+            cond = slots.prompt.expected_condition(rows, images) if slots.prompt is not None else None
+        found = _Check.empty(len(rows), noises, cond, sigma, gens)
+        found.kl_nats = kl_to_standard_normal(slots.mu[rows], slots.log_var[rows], reduce="sum").cpu()
+        full = torch.ones(len(rows), dtype=torch.bool)
+        if config.gate_steps:  # a few-step generation of the first noise: only plausible rows get the full check
+            quick = self.replicates(images, noises[:, :1], cond, config.gate_steps)
+            found.gate, found.guidance = quick.similarity, quick.guidance
+            full = found.gate >= self.bars[cpu_images] - config.gate_margin
+        if full.any():
+            f = full.nonzero().flatten()
+            result = self.replicates(
+                images[f.to(device)], noises[f.to(device)], None if cond is None else cond[f], config.sampling_steps
+            )
+            found.every[f], found.similarity[f], found.guidance[f] = (
+                result.replicated,
+                result.similarity,
+                result.guidance,
+            )
+            found.replicas[f], found.counted[f] = result.replicas, result.counted
+            found.count_guidance[f] = result.replicas_guidance
+        self.out.similarity[cpu_images] = torch.where(full, found.similarity, found.gate)
+        self.out.guidance[cpu_images] = found.guidance
+        if cond is not None:
+            self.out.condition[cpu_images] = cond.cpu()
+        return found
+
+    def leave_replicated(self, rows: torch.Tensor, hits: torch.Tensor, found: _Check) -> None:
+        """The images at `hits` (indices into rows) replicated: their KL, their counted evidence (fresh
+        noises when counting, the check's own K otherwise) and the readable prompt's check; they leave."""
+        slots, out, config = self.slots, self.out, self.config
+        dev_hits = hits.to(rows.device)
+        rows_hit = rows[dev_hits]
+        images = slots.image[rows_hit]
+        cpu_images = images.cpu()
+        out.replicated[cpu_images] = True
+        out.kl_nats[cpu_images] = found.kl_nats[hits]
+        out.kl[cpu_images] = kl_to_standard_normal(slots.mu[rows_hit], slots.log_var[rows_hit]).cpu()
+        if self.counting:  # fresh noises, drawn after the stop was decided: a count free of that selection
+            scale = torch.where(found.every[hits], found.guidance[hits], found.count_guidance[hits])
+            fresh = slots.mu[rows_hit].unsqueeze(1) + found.sigma[dev_hits] * rng.randn_per_image(
+                [found.generators[k] for k in hits.tolist()], (config.confirm_noises, *self.z0.shape[1:])
+            )
+            out.replicas[cpu_images] = count_replicas(
+                self.model,
+                self.z0[images],
+                fresh,
+                None if found.cond is None else found.cond[hits],
+                scale,
+                self.similarity,
+                self.targets[images],
+                self.owner[images],
+                num_steps=config.sampling_steps,
+                aligned=config.aligned_start,
+            )
+            out.samples[cpu_images] = config.confirm_noises
+            out.guidance[cpu_images] = scale
+        else:
+            out.replicas[cpu_images] = out.samples[cpu_images] = config.check_noises
+        if slots.prompt is not None:  # the second kind of evidence: a prompt a person can type
+            with torch.no_grad():
+                readable_cond, _ = slots.prompt.readable(rows_hit, images)
+            again = self.replicates(images, found.noises[dev_hits], readable_cond, config.sampling_steps)
+            out.prompt_replicated[cpu_images] = again.replicated
+        self.finish(rows_hit, "replicated")
+
+    # -- the result ------------------------------------------------------------------------------------
+
+    def result(self) -> InvMMResult:
+        """The per-image arrays, once every image has left its slot."""
+        out, prompt = self.out, self.slots.prompt
+        return InvMMResult(
+            replicated=out.replicated.numpy(),
+            kl=out.kl.numpy(),
+            kl_nats=out.kl_nats.numpy(),
+            steps=out.steps.numpy(),
+            similarity=out.similarity.numpy(),
+            guidance=out.guidance.numpy(),
+            prompts=out.prompts,
+            prompt_replicated=out.prompt_replicated.numpy(),
+            replicas=out.replicas.numpy(),
+            samples=out.samples.numpy(),
+            prompt_init=[None] * len(out.steps)
+            if prompt is None
+            else ["caption" if c else "zero" for c in (self.start_ids >= 0).any(-1).tolist()],
+            kl_weight=out.kl_weight.numpy(),
+            reconstruction=out.reconstruction.numpy(),
+            finite=out.finite.numpy(),
+            mu=out.mu,
+            log_var=out.log_var,
+            condition=out.condition,
+            stop_reason=out.stop_reason,
+            busy=self.image_steps / (len(self.slots.image) * self.iterations) if self.iterations else 1.0,
+            trace=[np.array(t, dtype=np.float64).reshape(-1, len(TRACE_COLUMNS)) for t in out.trace],
+        )
+
+
 def invmm(
     model,
     z0,
@@ -223,263 +576,11 @@ def invmm(
     also succeeds where k of K replicate with rate_lower_bound(KL, k / K) >= `stop_rate`, and every
     success is counted again on fresh noises; False: the reference's all-K success alone.
     """
-    batch, device, s = z0.shape[0], z0.device, config.samples_per_step
-    n_slots = min(slots or batch, batch)
-    delta = config.kl_weight_delta if config.kl_weight_delta is not None else model.kl_weight_delta
-    bars, nulls = targets.threshold.cpu(), targets.null_level()
-    mu = torch.zeros(n_slots, *z0.shape[1:], device=device)
-    log_var = torch.zeros_like(mu)
-    opt_mu, opt_lv = RowAdam(mu), RowAdam(log_var)
-    prompt, condition_shape = None, None
-    if model.is_conditional:
-        free = min(config.free_tokens or model.num_free_slots, model.num_free_slots)
-        if start_ids is None or config.prompt_init == "zero":
-            start_ids = torch.full((batch, free), -1, dtype=torch.long)
-        start_ids = start_ids[:, :free].to(device)
-        prompt = _PromptDistribution(model, config, n_slots, free, device, context)
-        condition_shape = model.empty_condition(1).shape[1:]
-    weight = torch.zeros(n_slots, device=device)
-    history = torch.full((n_slots, config.steps), torch.nan, device=device)
-    previous_check = torch.full((n_slots,), torch.inf, device=device)
-    own_steps = torch.zeros(n_slots, dtype=torch.long, device=device)
-    image = torch.full((n_slots,), -1, dtype=torch.long, device=device)  # the image in each slot; -1: free
-    queue = iter(range(batch))
-    out = _Outputs(batch, z0, condition_shape)
-    budget_done, budget_total = 0, batch * config.steps
-    iterations, image_steps = 0, 0
-
-    def replicates(images, noises, cond, num_steps):
-        """Do these images' noises (b, K, ...) under `cond` replicate their targets? (replication_check)"""
-        return replication_check(
-            model,
-            z0[images],
-            noises,
-            cond,
-            config.guidance_scales,
-            similarity,
-            targets[images],
-            owner[images],
-            num_steps=num_steps,
-            aligned=config.aligned_start,
-        )
-
-    def finish(rows, reason: str) -> None:
-        """The images in `rows` leave their slots with their results."""
-        nonlocal budget_done
-        if not len(rows):
-            return
-        images = image[rows].cpu()
-        out.steps[images] = own_steps[rows].cpu()
-        out.mu[images], out.log_var[images] = mu[rows].cpu(), log_var[rows].cpu()
-        out.kl_weight[images] = weight[rows].cpu()
-        out.reconstruction[images] = history[rows, (own_steps[rows] - 1).clamp_min(0)].cpu()
-        if prompt is not None:
-            with torch.no_grad():
-                texts = prompt.readable(rows, image[rows])[1]
-        for k, i in enumerate(images.tolist()):
-            out.stop_reason[i] = reason
-            if prompt is not None:
-                out.prompts[i] = texts[k]
-        budget_done += int((config.steps - own_steps[rows]).sum())
-        image[rows] = -1
-
-    def check(rows) -> None:
-        """The success check of `rows`; hits leave with their KL, hopeless images with the early stop."""
-        images = image[rows]
-        cpu_images = images.cpu()
-        gens = [generators[i] for i in cpu_images.tolist()]
-        sigma = (0.5 * log_var[rows]).exp().unsqueeze(1)
-        noises = mu[rows].unsqueeze(1) + sigma * rng.randn_per_image(gens, (config.check_noises, *z0.shape[1:]))
-        with torch.no_grad():
-            cond = prompt.expected_condition(rows, images) if prompt is not None else None
-        kl_nats = kl_to_standard_normal(mu[rows], log_var[rows], reduce="sum").cpu()
-        every = torch.zeros(len(rows), dtype=torch.bool)  # all K replicated at one scale (the reference's success)
-        seen = torch.full((len(rows),), torch.nan)
-        guidance = torch.full((len(rows),), torch.nan)
-        gate = torch.full((len(rows),), torch.nan)
-        replicas = torch.zeros(len(rows), dtype=torch.long)
-        counted = torch.zeros(len(rows), dtype=torch.long)
-        count_guidance = torch.full((len(rows),), torch.nan)
-        full = torch.ones(len(rows), dtype=torch.bool)
-        if config.gate_steps:  # a few-step generation of the first noise: only plausible rows get the full check
-            quick = replicates(images, noises[:, :1], cond, config.gate_steps)
-            gate, guidance = quick.similarity, quick.guidance
-            full = gate >= bars[cpu_images] - config.gate_margin
-        if full.any():
-            f = full.nonzero().flatten()
-            result = replicates(
-                images[f.to(device)], noises[f.to(device)], None if cond is None else cond[f], config.sampling_steps
-            )
-            every[f], seen[f], guidance[f] = result.replicated, result.similarity, result.guidance
-            replicas[f], counted[f], count_guidance[f] = result.replicas, result.counted, result.replicas_guidance
-        found = every.clone()
-        if counting:  # k of K already say plain noise replicates often enough: stop here, confirm below
-            found |= torch.tensor(
-                [
-                    n > 0 and rate_lower_bound(float(kl), int(r) / int(n)) >= stop_rate
-                    for kl, r, n in zip(kl_nats, replicas, counted)
-                ],
-                dtype=torch.bool,
-            )
-        out.similarity[cpu_images] = torch.where(full, seen, gate)
-        out.guidance[cpu_images] = guidance
-        if prompt is not None:
-            out.condition[cpu_images] = cond.cpu()
-        for k, i in enumerate(cpu_images.tolist()):
-            out.trace[i].append(
-                (
-                    int(own_steps[rows[k]]),
-                    float(kl_nats[k]),
-                    float(seen[k]),
-                    float(gate[k]),
-                    int(replicas[k]),
-                    int(counted[k]),
-                )
-            )
-        hits = found.nonzero().flatten()
-        if len(hits):
-            hit_images, dev_hits = cpu_images[hits], hits.to(device)
-            out.replicated[hit_images] = True
-            out.kl_nats[hit_images] = kl_nats[hits]
-            out.kl[hit_images] = kl_to_standard_normal(mu[rows[dev_hits]], log_var[rows[dev_hits]]).cpu()
-            hit_cond = None if cond is None else cond[hits]
-            if counting:  # fresh noises, drawn after the stop was decided: a count free of that selection
-                scale = torch.where(every[hits], guidance[hits], count_guidance[hits])
-                fresh = mu[rows[dev_hits]].unsqueeze(1) + sigma[dev_hits] * rng.randn_per_image(
-                    [gens[k] for k in hits.tolist()], (config.confirm_noises, *z0.shape[1:])
-                )
-                out.replicas[hit_images] = count_replicas(
-                    model,
-                    z0[images[dev_hits]],
-                    fresh,
-                    hit_cond,
-                    scale,
-                    similarity,
-                    targets[images[dev_hits]],
-                    owner[images[dev_hits]],
-                    num_steps=config.sampling_steps,
-                    aligned=config.aligned_start,
-                )
-                out.samples[hit_images] = config.confirm_noises
-                out.guidance[hit_images] = scale
-            else:
-                out.replicas[hit_images] = config.check_noises
-                out.samples[hit_images] = config.check_noises
-            if prompt is not None:  # the second kind of evidence: a prompt a person can type
-                with torch.no_grad():
-                    readable_cond, _ = prompt.readable(rows[dev_hits], images[dev_hits])
-                again = replicates(images[dev_hits], noises[dev_hits], readable_cond, config.sampling_steps)
-                out.prompt_replicated[hit_images] = again.replicated
-            finish(rows[dev_hits], "replicated")
-        if config.early_stop:  # an image at its last step ran its budget: that is no early stop
-            left = (own_steps[rows] < config.steps).cpu()
-            hopeless = [
-                k
-                for k, i in enumerate(cpu_images.tolist())
-                if left[k]
-                and not found[k]
-                and out_of_reach(np.array(out.trace[i]), float(bars[i]), float(nulls[i]), config)
-            ]
-            finish(rows[torch.tensor(hopeless, dtype=torch.long, device=device)], "early_stop")
-
-    def fill() -> None:
-        """Hand free slots to the next images of the queue (and check each at its start)."""
-        while True:
-            free_slots = (image < 0).nonzero().flatten().tolist()
-            pairs = list(zip(free_slots, itertools.islice(queue, len(free_slots))))
-            if not pairs:
-                return
-            rows = torch.tensor([slot for slot, _ in pairs], device=device)
-            image[rows] = torch.tensor([i for _, i in pairs], device=device)
-            mu[rows], log_var[rows] = 0.0, 0.0
-            opt_mu.reset(rows)
-            opt_lv.reset(rows)
-            if prompt is not None:
-                prompt.start(rows, start_ids[image[rows]])
-            weight[rows] = config.kl_weight_init
-            history[rows] = torch.nan
-            previous_check[rows] = torch.inf
-            own_steps[rows] = 0
-            if not config.check_at_start:
-                return
-            check(rows)
-
-    while True:
-        fill()
-        rows = (image >= 0).nonzero().flatten()
-        if not len(rows):
-            break
-        images = image[rows]
-        iterations, image_steps = iterations + 1, image_steps + len(rows)
-        gens = [generators[i] for i in images.tolist()]
-        noise = rng.randn_per_image(gens, (s, *z0.shape[1:]))
-        t = rng.randint_per_image(gens, model.num_train_timesteps, (s,)).flatten()
-        p_mu, p_lv = mu[rows].requires_grad_(), log_var[rows].requires_grad_()
-        eps = (p_mu.unsqueeze(1) + (0.5 * p_lv).exp().unsqueeze(1) * noise).flatten(0, 1)
-        params = [p_mu, p_lv]
-        cond = None
-        if prompt is not None:
-            p_logits = prompt.logits[rows].requires_grad_()
-            params.append(p_logits)
-            cond = prompt.sampled_condition(p_logits, gens, s, images)
-        recon = sampled_z0_error(
-            model, z0[images].repeat_interleave(s, 0), eps, t, cond, owner[images].repeat_interleave(s)
-        )
-        recon = recon.reshape(len(rows), s).mean(1)
-        kl = kl_to_standard_normal(p_mu, p_lv)
-        (recon + weight[rows] * kl).sum().backward()
-
-        ok = recon.detach().isfinite() & torch.stack([p.grad.flatten(1).isfinite().all(1) for p in params]).all(0)
-        if not ok.all():
-            out.finite[images[~ok].cpu()] = False
-            finish(rows[~ok], "nonfinite")
-        keep, rows = ok.nonzero().flatten(), rows[ok]
-        opt_mu.step(rows, p_mu.grad[keep], config.lr)
-        opt_lv.step(rows, p_lv.grad[keep], config.lr)
-        if prompt is not None:
-            prompt.opt.step(rows, p_logits.grad[keep], prompt.lr)
-        history[rows, own_steps[rows]] = recon.detach()[keep]
-        own_steps[rows] += 1
-        budget_done += len(rows)
-        if progress is not None:
-            progress("InvMM", budget_done, budget_total)
-
-        due = own_steps[rows] % config.check_every == 0
-        weight[rows[~due]] += delta
-        checked = rows[due]
-        if len(checked):
-            window = _window_mean(history[checked], own_steps[checked], config.loss_window)
-            stalled = previous_check[checked] - window < config.improvement_tol
-            weight[checked] = torch.where(stalled, weight[checked] / 2, weight[checked] + delta)
-            previous_check[checked] = window
-            check(checked)
-        finish(((image >= 0) & (own_steps >= config.steps)).nonzero().flatten(), "budget")
-
-    replicated = out.replicated.numpy()
-    return InvMMResult(
-        replicated=replicated,
-        kl=out.kl.numpy(),
-        kl_nats=out.kl_nats.numpy(),
-        steps=out.steps.numpy(),
-        similarity=out.similarity.numpy(),
-        guidance=out.guidance.numpy(),
-        prompts=out.prompts,
-        prompt_replicated=out.prompt_replicated.numpy(),
-        replicas=out.replicas.numpy(),
-        samples=out.samples.numpy(),
-        prompt_init=[None] * batch
-        if prompt is None
-        else ["caption" if c else "zero" for c in (start_ids >= 0).any(-1).tolist()],
-        kl_weight=out.kl_weight.numpy(),
-        reconstruction=out.reconstruction.numpy(),
-        finite=out.finite.numpy(),
-        mu=out.mu,
-        log_var=out.log_var,
-        condition=out.condition,
-        stop_reason=out.stop_reason,
-        busy=image_steps / (n_slots * iterations) if iterations else 1.0,
-        trace=[np.array(t, dtype=np.float64).reshape(-1, len(TRACE_COLUMNS)) for t in out.trace],
-    )
+    run = _Run(
+        model, z0, generators, owner, config, similarity, targets,
+        start_ids=start_ids, context=context, slots=slots, counting=counting, stop_rate=stop_rate, progress=progress,
+    )  # fmt: skip
+    return run.run()
 
 
 def _window_mean(history: torch.Tensor, own_steps: torch.Tensor, window: int) -> torch.Tensor:
