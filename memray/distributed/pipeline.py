@@ -30,6 +30,7 @@ from memray.config import AuditConfig, ConfigError, from_dict
 from memray.data.images import sha256_hex
 from memray.data.records import ImageInput
 from memray.data.sources import Unit, count_images, list_units, read_unit
+from memray.data.uris import normal_prefix
 from memray.distributed.bookkeeping import CrashJournal, RunLease, RunLedger
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ class PipelineOptions:
             problems.append(f"gpus_per_actor must be >= 0, got {self.gpus_per_actor}")
         if problems:
             raise PipelineError("; ".join(problems))
+        # In normal form, or refused now (UriError, one line): before any file or Ray work.
+        object.__setattr__(self, "allow_uri_prefixes", tuple(map(normal_prefix, self.allow_uri_prefixes)))
 
 
 class PipelineError(ConfigError):

@@ -1,0 +1,232 @@
+"""Regression tests of the second hostile probe (issue #19): one or more per finding, each failing before its fix.
+
+Real parts throughout: web servers on loopback (http.server in threads), an S3-compatible server on
+loopback (moto), real files, catalogs, DuckDB, the real CLI and real Ray. Tests that need Ray are slow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import io
+import json
+import os
+import posixpath
+import tarfile
+import threading
+import urllib.parse
+from dataclasses import dataclass
+
+import fsspec
+import pytest
+from conftest import png_bytes
+
+from memray.cli import main
+from memray.data.sources import list_units, read_unit
+from memray.errors import SourceError
+
+pytest_plugins = ["s3server"]
+
+SECRET = png_bytes(666)
+PUBLIC = png_bytes(1)
+
+
+class _Site(http.server.BaseHTTPRequestHandler):
+    """A web server as web servers are: the path is percent-decoded and its dot segments resolved
+    before the lookup (so `/pub/%2e%2e/private/x` is `/private/x`), and a redirect is a 302."""
+
+    files: dict[str, bytes] = {}
+    redirects: dict[str, str] = {}
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        path = posixpath.normpath(urllib.parse.unquote(urllib.parse.urlsplit(self.path).path))
+        if path in self.redirects:
+            self.send_response(302)
+            self.send_header("Location", self.redirects[path])
+            self.end_headers()
+        elif path in self.files:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(self.files[path])))
+            self.end_headers()
+            self.wfile.write(self.files[path])
+        else:
+            self.send_error(404)
+
+    do_HEAD = do_GET  # noqa: N815
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def _serve(files: dict[str, bytes], redirects: dict[str, str] | None = None):
+    handler = type("Site", (_Site,), {"files": files, "redirects": redirects or {}})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@dataclass
+class Web:
+    """A public site whose `/pub/` holds a manifest and its images (and `/private/` what it must not
+    reach), and an internal site on another port, reachable only by a redirect or a forged URL."""
+
+    public: str
+    internal: str
+    files: dict[str, bytes]  # the public site's, by path: tests add their manifest here
+
+    def manifest(self, rows: list[dict]) -> str:
+        """Serve `rows` as the public site's /pub/m.jsonl; returns its URL."""
+        self.files["/pub/m.jsonl"] = "".join(json.dumps(row) + "\n" for row in rows).encode()
+        return f"{self.public}/pub/m.jsonl"
+
+
+@pytest.fixture
+def web():
+    with _serve({"/secret.png": SECRET}) as internal:
+        files = {"/pub/ok.png": PUBLIC, "/private/secret.png": SECRET}
+        redirects = {"/pub/redir.png": f"{internal}/secret.png", "/pub/moved.png": "/pub/ok.png"}
+        with _serve(files, redirects) as public:
+            yield Web(public, internal, files)
+
+
+def _records(source: str, **kwargs) -> dict[str, dict]:
+    """Every record of a source, by image id."""
+    return {r["image_id"]: r for unit in list_units(source, **kwargs) for r in read_unit(unit)}
+
+
+def _refused(record: dict) -> bool:
+    return record["data"] is None and record["error"] is not None
+
+
+# -- 1. a redirect is checked hop by hop --------------------------------------------------------------
+
+
+def test_a_redirect_to_another_host_is_refused_and_one_within_the_manifest_root_followed(web):
+    manifest = web.manifest([{"id": "redir", "uri": "redir.png"}, {"id": "moved", "uri": "moved.png"}])
+    records = _records(manifest)
+    assert _refused(records["redir"]) and "redirects to" in records["redir"]["error"]
+    assert web.internal in records["redir"]["error"] and "--allow-uri-prefix" in records["redir"]["error"]
+    assert records["moved"]["data"] == PUBLIC  # a hop that stays under /pub/ is followed
+    # allowed explicitly, the same hop is followed
+    allowed = _records(manifest, allow_uri_prefixes=(web.internal + "/",))
+    assert allowed["redir"]["data"] == SECRET
+
+
+# -- 2. the URL is normalised (percent-decoding, dot segments) before the check ----------------------
+
+
+@pytest.mark.parametrize(
+    "path", ["%2e%2e/private/secret.png", "..%2fprivate/secret.png", "%2E%2E%2Fprivate/secret.png"]
+)
+def test_percent_encoded_dot_segments_cannot_climb_out_of_the_manifest_folder(web, path):
+    records = _records(web.manifest([{"id": "x", "uri": f"{web.public}/pub/{path}"}]))
+    assert _refused(records["x"]) and "--allow-uri-prefix" in records["x"]["error"]
+    assert f"{web.public}/private/secret.png" in records["x"]["error"]  # the normal form is what was checked
+
+
+# -- 3. one resolution of a local path, the same for the check and the read ------------------------
+
+
+def test_a_tilde_in_a_manifest_is_never_the_home_folder(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "secret.png").write_bytes(SECRET)
+    monkeypatch.setenv("HOME", str(home))
+    folder = tmp_path / "m"
+    (folder / "~").mkdir(parents=True)
+    (folder / "~" / "secret.png").write_bytes(PUBLIC)  # a folder named ~ inside the manifest's: allowed
+    rows = [{"id": "url", "uri": "file://~/secret.png"}, {"id": "path", "uri": "~/secret.png"}]
+    (folder / "list.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    monkeypatch.chdir(folder)  # where the old check resolved `~` (and fsspec's read then expanded it to $HOME)
+    records = _records(str(folder / "list.jsonl"))
+    assert _refused(records["url"]) and "names a host" in records["url"]["error"]
+    assert records["path"]["data"] == PUBLIC and records["path"]["uri"] == str(folder / "~" / "secret.png")
+
+
+# -- 4. prefixes compared on parsed components; userinfo refused -----------------------------------
+
+
+def test_userinfo_cannot_smuggle_another_port_past_an_allowed_prefix(web):
+    port = web.public.rsplit(":", 1)[1]
+    forged = f"http://127.0.0.1:{port}@{web.internal.removeprefix('http://')}/secret.png"
+    manifest = web.manifest([{"id": "forged", "uri": forged}])
+    records = _records(manifest, allow_uri_prefixes=(web.public,))
+    assert _refused(records["forged"]) and "user information" in records["forged"]["error"]
+
+
+def test_a_bucket_prefix_does_not_allow_a_bucket_whose_name_begins_with_it(tmp_path, s3_endpoint):
+    from s3server import create_bucket
+
+    bucket = create_bucket(s3_endpoint, f"memray-{os.urandom(4).hex()}")
+    secrets = create_bucket(s3_endpoint, f"{bucket}-secrets")
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.pipe_file(f"{bucket}/a.png", PUBLIC)
+    fs.pipe_file(f"{secrets}/secret.png", SECRET)
+    (tmp_path / "list.jsonl").write_text(
+        json.dumps({"id": "a", "uri": f"s3://{bucket}/a.png"}) + "\n"
+        + json.dumps({"id": "s", "uri": f"s3://{secrets}/secret.png"})
+    )  # fmt: skip
+    records = _records(str(tmp_path / "list.jsonl"), allow_uri_prefixes=(f"s3://{bucket}",))
+    assert records["a"]["data"] == PUBLIC
+    assert _refused(records["s"]) and "--allow-uri-prefix" in records["s"]["error"]
+
+
+@pytest.mark.parametrize("prefix", ["http://user:pw@127.0.0.1:9/", "http://127.0.0.1:99999/", "file://host/x"])
+def test_an_allowed_prefix_that_cannot_be_compared_safely_stops_the_audit_in_one_line(tmp_path, capsys, prefix):
+    (tmp_path / "list.jsonl").write_text(json.dumps({"uri": "a.png"}) + "\n")
+    code = main(["audit", str(tmp_path / "list.jsonl"), "--model", "demo", "--catalog", str(tmp_path / "c"),
+                 "--allow-uri-prefix", prefix])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"memray: --allow-uri-prefix {prefix}: ") and "Traceback" not in err
+    assert not (tmp_path / "c").exists()
+
+
+# -- 13. links in a shard, pipes in a folder: error rows naming them --------------------------------
+
+
+def test_link_members_of_a_shard_are_error_rows_naming_them(tmp_path):
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as tar:
+        info = tarfile.TarInfo("k0.png")
+        info.size = len(PUBLIC)
+        tar.addfile(info, io.BytesIO(PUBLIC))
+        for name, kind, target in [("k1.png", tarfile.SYMTYPE, "/etc/passwd"), ("k2.png", tarfile.LNKTYPE, "k0.png")]:
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = kind, target
+            tar.addfile(link)
+    records = _records(str(shard))
+    assert sorted(records) == ["00000.tar/k0", "00000.tar/k1", "00000.tar/k2"]
+    assert records["00000.tar/k0"]["data"] == PUBLIC
+    assert (
+        _refused(records["00000.tar/k1"])
+        and "k1.png is a symbolic link to '/etc/passwd'" in records["00000.tar/k1"]["error"]
+    )
+    assert _refused(records["00000.tar/k2"]) and "k2.png is a hard link to 'k0.png'" in records["00000.tar/k2"]["error"]
+
+
+def test_a_pipe_in_a_source_folder_is_an_error_row_and_never_waited_on(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(PUBLIC)
+    for name in ("pipe.png", "pipe.tar"):
+        os.mkfifo(folder / name)
+    listed = {}
+    reader = threading.Thread(target=lambda: listed.update(_records(str(folder))), daemon=True)
+    reader.start()
+    reader.join(timeout=30)
+    if reader.is_alive():  # blocked opening a pipe: release it, then fail
+        for name in ("pipe.png", "pipe.tar"):
+            with contextlib.suppress(OSError):
+                os.close(os.open(folder / name, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("listing or reading the folder waited on a pipe")
+    assert sorted(listed) == ["a.png", "pipe.png", "pipe.tar"]
+    for name in ("pipe.png", "pipe.tar"):
+        assert _refused(listed[name]) and "not a regular file (a pipe)" in listed[name]["error"]
+    with pytest.raises(SourceError, match="not a regular file"):
+        list_units(str(folder / "pipe.tar"))  # named on its own: refused before any work
