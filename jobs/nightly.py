@@ -46,6 +46,7 @@ from memray.cli import (  # noqa: E402
 )
 from memray.distributed.pipeline import run_audit  # noqa: E402
 from memray.errors import USAGE_ERRORS  # noqa: E402
+from memray.formatting import log_to_stderr, printable  # noqa: E402
 from memray.models import adapter_class  # noqa: E402
 from memray.models.loading import MODEL_INDEX, CheckpointError, resolve_checkpoint  # noqa: E402
 from memray.report.html import write_report  # noqa: E402
@@ -146,10 +147,10 @@ def main(argv=None) -> int:
     try:
         return nightly(args, audit_argv)
     except USAGE_ERRORS as exc:
-        print(f"nightly: {exc}", file=sys.stderr)
+        print(f"nightly: {printable(str(exc), keep_newlines=True)}", file=sys.stderr)
         return 2
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_to_stderr(logging.INFO, "%(asctime)s %(levelname)s %(name)s: %(message)s")  # ids and paths escaped
     sys.exit(main())

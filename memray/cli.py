@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from memray.errors import USAGE_ERRORS, ConfigError
-from memray.formatting import format_value
+from memray.formatting import format_value, log_to_stderr, printable
 
 PRESET_NAMES = ("default", "quick", "reference")  # memray.config.PRESETS, named here so --help needs no torch
 
@@ -125,7 +125,7 @@ def cmd_inspect(args) -> int:
     row = result.row
     for key, value in row.to_dict().items():
         if key != "config":
-            print(f"{key:28s} {format_value(value)}")
+            print(f"{key:28s} {printable(format_value(value))}")
     if row.status != "ok":
         return 1
     out = Path(args.out)
@@ -166,9 +166,11 @@ def print_rows(rows, stream=None, truth: dict[str, str] | None = None) -> None:
     ]
     table = [
         [
-            format_value(getattr(row, c))
-            if row.status == "ok" or c == "image_id"
-            else (row.error if c == "verdict" else "")
+            printable(
+                format_value(getattr(row, c))
+                if row.status == "ok" or c == "image_id"
+                else (row.error if c == "verdict" else "")
+            )
             for c in columns
         ]
         + ([truth.get(row.image_id, "-")] if truth else [])
@@ -256,7 +258,7 @@ def cmd_query(args) -> int:
         write_parquet(table, args.out)
         print(f"wrote {table.num_rows} rows to {args.out}", file=sys.stderr)
     else:
-        text = format_table(table, args.format)
+        text = format_table(table, args.format, escape=not args.out and sys.stdout.isatty())
         if args.out:
             Path(args.out).write_text(text)
         else:
@@ -275,12 +277,13 @@ def cmd_status(args) -> int:
     print(f"catalog {args.catalog}: {models.num_rows} models")
     print(format_table(models, "table"))
     if last:
-        print(
+        line = (
             f"last run {last['run_id']} ({last['model']}): {last['rows']} rows, {last['errors']} errors, "
             f"{last['started']} .. {last['finished']}"
         )
+        print(printable(line))
     for problem in catalog.ignored:
-        print(f"ignored: {problem}")
+        print(f"ignored: {printable(problem)}")
     return 0
 
 
@@ -480,10 +483,11 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_report)
 
     args = parser.parse_args(argv)
+    log_to_stderr()
     try:
         return args.func(args)
     except USAGE_ERRORS as exc:
-        print(f"memray: {exc}", file=sys.stderr)
+        print(f"memray: {printable(str(exc), keep_newlines=True)}", file=sys.stderr)
         return 2
 
 

@@ -12,15 +12,23 @@ import io
 import json
 import os
 import posixpath
+import pty
+import subprocess
+import sys
 import tarfile
 import threading
 import urllib.parse
 from dataclasses import dataclass
 
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import png_bytes
 
+from memray.catalog.reader import Catalog
+from memray.catalog.schema import ARROW_SCHEMA, AuditRow
+from memray.catalog.writer import CatalogWriter
 from memray.cli import main
 from memray.data.sources import list_units, read_unit
 from memray.errors import SourceError
@@ -230,3 +238,98 @@ def test_a_pipe_in_a_source_folder_is_an_error_row_and_never_waited_on(tmp_path)
         assert _refused(listed[name]) and "not a regular file (a pipe)" in listed[name]["error"]
     with pytest.raises(SourceError, match="not a regular file"):
         list_units(str(folder / "pipe.tar"))  # named on its own: refused before any work
+
+
+# -- 5. a catalog file with memray's metadata but columns of the wrong type -------------------------
+
+
+def _catalog_with_rows(path, rows: list[dict]) -> None:
+    with CatalogWriter(path) as writer:
+        writer.add([AuditRow(**{"model": "m", "status": "ok", "audited_at": "2026-11-01", **row}) for row in rows])
+
+
+def test_a_memray_file_with_columns_of_the_wrong_type_is_left_out_of_every_command(tmp_path, capsys, caplog):
+    catalog = tmp_path / "catalog"
+    _catalog_with_rows(catalog, [{"image_id": "good", "seconds": 1.5}])
+    fields = [
+        pa.field(f.name, {"image_id": pa.int64(), "seconds": pa.string()}.get(f.name, f.type)) for f in ARROW_SCHEMA
+    ]
+    schema = pa.schema(fields, metadata=ARROW_SCHEMA.metadata)  # memray's metadata, other types
+    bad = catalog / "model=m" / "part-forged.parquet"
+    row = {"image_id": 7, "model": "m", "status": "ok", "audited_at": "2026-11-02", "seconds": "a while"}
+    pq.write_table(pa.Table.from_pylist([row], schema=schema), bad)
+    assert main(["query", str(catalog), "SELECT image_id, seconds + 1 AS later FROM audits"]) == 0
+    assert "good" in capsys.readouterr().out and str(bad) in caplog.text and "image_id is int64" in caplog.text
+    assert main(["status", str(catalog)]) == 0
+    assert f"ignored: {bad}: columns of the wrong type" in capsys.readouterr().out
+    assert main(["report", str(catalog), "--out", str(tmp_path / "r.html")]) == 0
+    assert main(["migrate", str(catalog)]) == 0
+    assert Catalog(catalog).query("SELECT count(*) AS n FROM audits").to_pylist() == [{"n": 1}]
+
+
+# -- 7. control characters never reach a terminal raw; NUL refused in ids --------------------------
+
+HOSTILE_ID, HOSTILE_CAPTION = "\x1b]0;PWNED\x07", "\x1b[2J\x9b31m\u202e"
+
+
+def _on_a_terminal(argv: list[str], env: dict | None = None) -> bytes:
+    """What `memray ARGV` writes to a terminal (a pseudo-terminal: stdout and stderr both)."""
+    controller, terminal = pty.openpty()
+    with subprocess.Popen(
+        [sys.executable, "-m", "memray.cli", *argv], stdout=terminal, stderr=terminal, env=env or os.environ.copy()
+    ) as process:
+        os.close(terminal)
+        output = b""
+        with contextlib.suppress(OSError):  # EIO once the process has exited and the terminal is drained
+            while chunk := os.read(controller, 65536):
+                output += chunk
+    os.close(controller)
+    assert process.returncode == 0, output
+    return output
+
+
+def test_ids_and_captions_with_control_characters_are_shown_escaped_on_a_terminal(tmp_path):
+    catalog = tmp_path / "catalog"
+    _catalog_with_rows(catalog, [{"image_id": HOSTILE_ID, "caption": HOSTILE_CAPTION}])
+    (catalog / "model=m" / "x\x1b[2J.parquet").write_bytes(b"not parquet")  # its name reaches a warning
+    for argv in (
+        ["query", str(catalog), "SELECT image_id, caption FROM audits"],
+        ["query", str(catalog), "SELECT image_id, caption FROM audits", "--format", "csv"],
+        ["status", str(catalog)],
+    ):
+        shown = _on_a_terminal(argv)
+        for raw in (b"\x1b", b"\x07", "\x9b".encode(), "\u202e".encode()):
+            assert raw not in shown, (argv, raw, shown)
+        assert b"x\\x1b[2J.parquet" in shown, argv  # the warning (or status line) names the file, escaped
+    assert b"\\x1b]0;PWNED\\x07" in _on_a_terminal(["query", str(catalog), "SELECT image_id FROM audits"])
+
+
+def test_a_nul_in_an_image_id_is_refused(tmp_path):
+    (tmp_path / "a.png").write_bytes(PUBLIC)
+    (tmp_path / "list.jsonl").write_text(json.dumps({"id": "a\x00b", "uri": "a.png"}) + "\n")
+    (record,) = _records(str(tmp_path / "list.jsonl")).values()
+    assert record["image_id"] == "a\\x00b" and _refused(record) and "NUL" in record["error"]
+
+
+# -- 11. a time limit that is no time limit --------------------------------------------------------
+
+
+@pytest.mark.parametrize("timeout", ["inf", "nan", "-1"])
+def test_a_query_time_limit_must_be_a_finite_positive_number(tmp_path, capsys, timeout):
+    _catalog_with_rows(tmp_path, [{"image_id": "a"}])
+    assert main(["query", str(tmp_path), "SELECT 1", "--timeout", timeout]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("memray: the query time limit must be a finite number") and err.count("\n") == 1
+
+
+# -- 12. DuckDB's private temporary folder ---------------------------------------------------------
+
+
+def test_the_private_duckdb_folder_is_removed_when_the_command_exits(tmp_path):
+    _catalog_with_rows(tmp_path / "catalog", [{"image_id": "a"}])
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp)}
+    for _ in range(2):
+        _on_a_terminal(["query", str(tmp_path / "catalog"), "SELECT count(*) FROM audits"], env)
+    assert list(temp.iterdir()) == []
