@@ -30,6 +30,7 @@ from memray.catalog.reader import Catalog
 from memray.catalog.schema import ARROW_SCHEMA, AuditRow
 from memray.catalog.writer import CatalogWriter
 from memray.cli import main
+from memray.config import ConfigError, apply_overrides, preset_config
 from memray.data.sources import list_units, read_unit
 from memray.errors import SourceError
 
@@ -311,6 +312,32 @@ def test_a_nul_in_an_image_id_is_refused(tmp_path):
     assert record["image_id"] == "a\\x00b" and _refused(record) and "NUL" in record["error"]
 
 
+# -- 10. settings in range; measures in one order, without repeats ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("invmm.steps=1000000000000", "invmm.steps: must be at most 1,000,000"),
+        ("z0_error.noises=100000000", "z0_error.noises: must be at most 100,000"),
+        ("similarity.threshold=-3", "similarity.threshold: must be in (0, 1]"),
+    ],
+)
+def test_settings_beyond_any_sensible_range_are_refused(setting, message):
+    with pytest.raises(ConfigError) as refused:
+        apply_overrides(preset_config("quick"), [setting])
+    assert message in str(refused.value)
+
+
+def test_measures_are_deduplicated_and_the_hash_does_not_depend_on_their_order():
+    once = apply_overrides(preset_config("quick"), ['measures=["invmm", "z0_error"]'])
+    twice = apply_overrides(preset_config("quick"), ['measures=["invmm", "invmm", "z0_error"]'])
+    swapped = apply_overrides(preset_config("quick"), ['measures=["z0_error", "invmm"]'])
+    assert once.measures == twice.measures == swapped.measures == ("invmm", "z0_error")
+    assert once.hash() == twice.hash() == swapped.hash()
+    assert preset_config("default").hash() == "0113aaf876d16ec6"  # the order kept: catalogs still resume
+
+
 # -- 11. a time limit that is no time limit --------------------------------------------------------
 
 
@@ -333,3 +360,16 @@ def test_the_private_duckdb_folder_is_removed_when_the_command_exits(tmp_path):
     for _ in range(2):
         _on_a_terminal(["query", str(tmp_path / "catalog"), "SELECT count(*) FROM audits"], env)
     assert list(temp.iterdir()) == []
+
+
+# -- 16. an unknown section is named as one --------------------------------------------------------
+
+
+def test_an_unknown_section_is_named_in_the_message(tmp_path, capsys):
+    (tmp_path / "a.png").write_bytes(PUBLIC)
+    code = main(["audit", str(tmp_path / "a.png"), "--model", "demo", "--catalog", str(tmp_path / "c"),
+                 "--set", "foo.bar=1"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("memray: unknown section 'foo'; sections: [") and "invmm" in err
+    with pytest.raises(ConfigError, match=r"^invmm: unknown setting\(s\) \['bar'\]"):
+        apply_overrides(preset_config("quick"), ["invmm.bar=1"])
