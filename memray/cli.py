@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from memray.errors import USAGE_ERRORS, ConfigError
+from memray.errors import USAGE_ERRORS, ConfigError, Terminated, is_storage_access_error
 from memray.formatting import format_value, log_to_stderr, printable
 
 PRESET_NAMES = ("default", "quick", "reference")  # memray.config.PRESETS, named here so --help needs no torch
@@ -284,6 +284,11 @@ def cmd_status(args) -> int:
         print(printable(line))
     for problem in catalog.ignored:
         print(f"ignored: {printable(problem)}")
+    if args.gc:
+        from memray.distributed.bookkeeping import sweep_finished_runs
+
+        for folder in sweep_finished_runs(args.catalog):
+            print(f"removed: {printable(folder)} (the bookkeeping of a run that is over)")
     return 0
 
 
@@ -452,6 +457,9 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("status", help="one screen on a catalog: models, images, verdicts, failures, last run")
     p.add_argument("catalog")
+    p.add_argument(
+        "--gc", action="store_true", help="remove the bookkeeping (_runs/, _inflight/) of runs that are over"
+    )
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("migrate", help="rewrite a catalog's older files in the current schema version")
@@ -484,10 +492,28 @@ def main(argv=None) -> int:
 
     args = parser.parse_args(argv)
     log_to_stderr()
+    return run_command("memray", lambda: args.func(args))
+
+
+def run_command(prog: str, command) -> int:
+    """`command()`'s exit code, with a user's fault (USAGE_ERRORS, object storage without credentials) as
+    one line on stderr and exit code 2, and Ctrl-C or SIGTERM (Terminated) as one line and 130 or 143."""
     try:
-        return args.func(args)
+        return command()
     except USAGE_ERRORS as exc:
-        print(f"memray: {printable(str(exc), keep_newlines=True)}", file=sys.stderr)
+        print(f"{prog}: {printable(str(exc), keep_newlines=True)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as stop:
+        name, code = ("SIGTERM", 143) if isinstance(stop, Terminated) else ("Ctrl-C", 130)
+        print(
+            f"{prog}: stopped by {name} (an audit keeps the rows written so far: the same command resumes)",
+            file=sys.stderr,
+        )
+        return code
+    except Exception as exc:
+        if not is_storage_access_error(exc):
+            raise
+        print(f"{prog}: cannot access object storage: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
 
 

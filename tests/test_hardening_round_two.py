@@ -13,18 +13,22 @@ import json
 import os
 import posixpath
 import pty
+import re
+import signal
 import subprocess
 import sys
 import tarfile
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass
 
 import fsspec
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import png_bytes
+from conftest import png_bytes, tiny_budgets, tiny_flags
 
 from memray.catalog.reader import Catalog
 from memray.catalog.schema import ARROW_SCHEMA, AuditRow
@@ -32,7 +36,9 @@ from memray.catalog.writer import CatalogWriter
 from memray.cli import main
 from memray.config import ConfigError, apply_overrides, preset_config
 from memray.data.sources import list_units, read_unit
-from memray.errors import SourceError
+from memray.distributed.bookkeeping import RunLease
+from memray.distributed.pipeline import PipelineOptions, run_audit
+from memray.errors import CatalogLeaseError, SourceError
 
 pytest_plugins = ["s3server"]
 
@@ -373,3 +379,190 @@ def test_an_unknown_section_is_named_in_the_message(tmp_path, capsys):
     assert code == 2 and err.startswith("memray: unknown section 'foo'; sections: [") and "invmm" in err
     with pytest.raises(ConfigError, match=r"^invmm: unknown setting\(s\) \['bar'\]"):
         apply_overrides(preset_config("quick"), ["invmm.bar=1"])
+
+
+# -- 6. a torn lease, and a lease from a clock far ahead --------------------------------------------
+
+
+def _plant_lease(catalog, holder) -> None:
+    path = catalog / "_runs" / "lease-fp-cfg.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(holder if isinstance(holder, bytes) else json.dumps(holder).encode())
+
+
+@pytest.mark.parametrize(
+    "holder", [b"garbage{", {"run_id": "r", "host": "elsewhere", "pid": 1, "beat": "yesterday"}, [1, 2], b"\xff"]
+)
+def test_a_torn_lease_is_taken_over_with_a_warning(tmp_path, caplog, holder):
+    _plant_lease(tmp_path, holder)
+    lease = RunLease(str(tmp_path), "fp", "cfg", "run-new")
+    lease.acquire()
+    lease.release()
+    assert "torn or not a lease" in caplog.text
+
+
+def test_a_lease_beating_far_in_the_future_is_stale_and_one_slightly_ahead_holds(tmp_path, caplog):
+    _plant_lease(tmp_path, {"run_id": "ahead", "host": "elsewhere", "pid": 1, "beat": time.time() + 30})
+    with pytest.raises(CatalogLeaseError, match="run ahead"):  # clocks 30 s apart: still the holder's
+        RunLease(str(tmp_path), "fp", "cfg", "run-new").acquire()
+    _plant_lease(tmp_path, {"run_id": "skewed", "host": "elsewhere", "pid": 1, "beat": time.time() + 365 * 86400})
+    lease = RunLease(str(tmp_path), "fp", "cfg", "run-new")
+    lease.acquire()  # a year ahead: past the skew limit, stale
+    lease.release()
+    assert "in the future" in caplog.text and "skewed" in caplog.text
+
+
+# -- 9. object storage without credentials ---------------------------------------------------------
+
+
+def test_object_storage_without_credentials_is_one_line_and_exit_2(tmp_path, s3_server, monkeypatch, capsys):
+    import s3fs
+
+    for name in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)  # nothing leaves the machine
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("MEMRAY_CACHE", str(tmp_path / "cache"))
+    s3fs.S3FileSystem.clear_instance_cache()  # no filesystem that found credentials earlier
+    (tmp_path / "a.png").write_bytes(PUBLIC)
+    local = ["--catalog", str(tmp_path / "c")]
+    for argv in (
+        ["audit", str(tmp_path / "a.png"), "--model", "s3://missing-bucket/ckpt", *local],
+        ["audit", "s3://missing-bucket/images", "--model", "demo", *local],
+        ["query", "s3://missing-bucket/catalog", "SELECT 1"],
+        ["status", "s3://missing-bucket/catalog"],
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("memray: cannot access object storage: NoCredentialsError") and err.count("\n") == 1
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+# -- 8, 14. one row per image in a run; `skipped` counts this run's input only ----------------------
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_an_image_listed_twice_gets_one_row_and_skipped_counts_only_this_runs_images(local_ray, tiny_sd_dir, tmp_path):
+    from memray.models.loading import model_fingerprint, model_slug
+
+    catalog, options = str(tmp_path / "catalog"), PipelineOptions(batch_size=2, cpus_per_actor=0.5)
+    config = tiny_budgets().replace(measures=["z0_error"])
+    fingerprint = model_fingerprint(tiny_sd_dir)
+    slug = model_slug(str(tiny_sd_dir), fingerprint)
+    others = [{"image_id": f"other{i}", "image_sha256": f"{i:064x}", "model": slug} for i in range(13)]
+    _catalog_with_rows(
+        catalog, [{**row, "model_fingerprint": fingerprint, "config_hash": config.hash()} for row in others]
+    )
+    new = tmp_path / "new"
+    new.mkdir()
+    for seed in (710, 711):
+        (new / f"{seed}.png").write_bytes(png_bytes(seed))
+    row = json.dumps({"id": "twice", "uri": "710.png"}) + "\n"
+    (new / "list.jsonl").write_text(row + row)
+    sources = [str(new / "list.jsonl"), str(new), str(new)]  # a manifest row twice, a folder named twice: 3 images
+    first = run_audit(sources, str(tiny_sd_dir), catalog, config, options)
+    assert (first.rows, first.skipped, first.unfinished) == (3, 0, [])  # the 13 rows of other images: not skipped
+    counts = Catalog(catalog).query("SELECT image_id, count(*) AS n FROM audits WHERE image_id NOT LIKE 'other%' "
+                                    "GROUP BY ALL ORDER BY 1").to_pylist()  # fmt: skip
+    assert counts == [{"image_id": "710.png", "n": 1}, {"image_id": "711.png", "n": 1}, {"image_id": "twice", "n": 1}]
+    again = run_audit(sources, str(tiny_sd_dir), catalog, config, options)
+    assert (again.rows, again.skipped) == (0, 3)
+
+
+# -- 15. SIGTERM stops an audit as Ctrl-C does; the bookkeeping of killed runs is swept -------------
+
+
+def test_the_bookkeeping_of_runs_that_are_over_is_swept_and_that_of_live_runs_kept(tmp_path, capsys):
+    _catalog_with_rows(tmp_path, [{"image_id": "a"}])
+    live = RunLease(str(tmp_path), "fp", "live", "live-run")
+    live.acquire()
+    folders = ["_runs/live-run", "_runs/killed-run", "_inflight/fp-live", "_inflight/fp-killed"]
+    for folder in folders:
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "x.json").write_text("{}")
+    try:
+        assert main(["status", str(tmp_path), "--gc"]) == 0
+    finally:
+        live.release()
+    out = capsys.readouterr().out
+    assert [folder for folder in folders if (tmp_path / folder).exists()] == ["_runs/live-run", "_inflight/fp-live"]
+    assert f"removed: {tmp_path}/_runs/killed-run" in out and f"removed: {tmp_path}/_inflight/fp-killed" in out
+
+
+def _session_processes(leader: int) -> list[psutil.Process]:
+    """The processes of the session a job leads (its own local Ray's among them)."""
+    found = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getsid(process.pid) == leader:
+                found.append(process)
+    return found
+
+
+@pytest.mark.slow
+def test_sigterm_stops_an_audit_cleanly_and_the_next_run_resumes(tiny_sd_dir, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"img{i}.png").write_bytes(png_bytes(600 + i))
+    catalog = tmp_path / "catalog"
+    (catalog / "_runs" / "0123456789ab").mkdir(parents=True)  # the ledger of a run killed with SIGKILL
+    (catalog / "_runs" / "0123456789ab" / "unit.json").write_text("{}")
+    command = [sys.executable, "-m", "memray.cli", "audit", str(folder), "--model", str(tiny_sd_dir),
+               "--catalog", str(catalog), "--cpus-per-actor", "0.5", "--batch-size", "1", "--queue", "1",
+               "--rows-per-file", "100", *tiny_flags(measures=["invmm", "z0_error"]),
+               "--set", "invmm.steps=40"]  # fmt: skip
+    controller, terminal = pty.openpty()  # on a terminal the progress bar is redrawn every second
+    job = subprocess.Popen(command, stdout=terminal, stderr=terminal, start_new_session=True)
+    os.close(terminal)
+    shown, received = b"", 0
+    try:
+        deadline = time.monotonic() + 300
+        while not received and time.monotonic() < deadline and job.poll() is None:
+            with contextlib.suppress(OSError):
+                shown += os.read(controller, 65536)
+            received = max([int(n) for n in re.findall(rb"audited (\d+)/6", shown)], default=0)
+        assert 0 < received < 6, shown[-2000:]  # the driver holds rows in its buffer (100 rows a file)
+        processes = _session_processes(job.pid)
+        job.send_signal(signal.SIGTERM)  # the driver alone, as `kill` or `ray job stop` does
+        with contextlib.suppress(OSError):
+            while chunk := os.read(controller, 65536):
+                shown += chunk
+        job.wait(timeout=120)
+    finally:
+        os.close(controller)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 143, shown[-3000:]
+    assert b"memray: stopped by SIGTERM" in shown and b"SIGTERM received" not in shown
+    rows = Catalog(str(catalog)).query("SELECT count(*) AS n FROM audits").to_pylist()[0]["n"]
+    assert rows >= received  # every row the driver had received was written
+    assert not list((catalog / "_runs").iterdir())  # no lease, no ledger: neither this run's nor the killed one's
+    deadline = time.monotonic() + 30
+    while _running(processes) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _running(processes)  # its local Ray (the actor with it) is gone too
+
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    rows = Catalog(str(catalog)).query("SELECT image_id, status FROM audits ORDER BY image_id").to_pylist()
+    assert rows == [{"image_id": f"img{i}.png", "status": "ok"} for i in range(6)]  # one ok row each
+
+
+def _running(processes: list[psutil.Process]) -> list[psutil.Process]:
+    alive = []
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process)
+    return alive

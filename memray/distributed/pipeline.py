@@ -9,11 +9,14 @@ skips every image that already has a row for the same model fingerprint and conf
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,7 +34,8 @@ from memray.data.images import sha256_hex
 from memray.data.records import ImageInput
 from memray.data.sources import Unit, count_images, list_units, read_unit
 from memray.data.uris import normal_prefix
-from memray.distributed.bookkeeping import CrashJournal, RunLease, RunLedger
+from memray.distributed.bookkeeping import CrashJournal, RunLease, RunLedger, sweep_finished_runs
+from memray.errors import Terminated
 
 log = logging.getLogger(__name__)
 
@@ -126,15 +130,48 @@ def _key(record) -> tuple[str, str | None]:
 
 
 def _read_records(unit_row: dict, *, skip: frozenset, ledger: RunLedger) -> Iterator[dict]:
-    """The records of one unit, minus images that resume skips (their bytes never leave the task)."""
+    """The records of one unit, minus images that resume skips (their bytes never leave the task) and
+    images the unit lists again (the same id and bytes twice in a manifest: one image, one row)."""
     unit = Unit(kind=unit_row["kind"], uri=unit_row["uri"], root=unit_row["root"], allowed=tuple(unit_row["allowed"]))
-    keys = []
+    keys, skipped = {}, {}
     for record in read_unit(unit):
         key = _key(record)
-        if key not in skip:
-            keys.append(key)
+        if key in skip:
+            skipped[key] = None
+        elif key not in keys:
+            keys[key] = None
             yield record
-    ledger.record(unit.uri, keys)
+    ledger.record(unit.uri, list(keys), list(skipped))
+
+
+def _first_rows(table: pa.Table, written: set[tuple[str, str | None]]) -> pa.Table:
+    """The rows of images without a row in this run yet, which joins `written`: an image read from two
+    units (two manifests listing it, a source named twice) is audited twice but written once."""
+    keep = []
+    for key in zip(table.column("image_id").to_pylist(), table.column("image_sha256").to_pylist()):
+        keep.append(key not in written)
+        written.add(key)
+    return table if all(keep) else table.filter(pa.array(keep))
+
+
+@contextlib.contextmanager
+def _sigterm_stops_like_ctrl_c():
+    """While the run is on, SIGTERM (`kill`, `ray job stop`, a pod evicted) raises Terminated, which stops
+    it as Ctrl-C does: the rows received are written, Ray (and so the actors) shut down, the lease and
+    the run's bookkeeping released. Ray's own handler would abort the driver and leave all of that."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        # Ray's handler was installed from C (getsignal gives None): the default takes its place.
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 class ProgressLog:
@@ -238,12 +275,21 @@ def run_audit(
     run_id = uuid.uuid4().hex[:12]
     lease = RunLease(catalog_url, fingerprint, config.hash(), run_id)
     lease.acquire()  # a second audit of the same model and config into this catalog refuses here
+    journal = CrashJournal(catalog_url, fingerprint, config.hash(), run_id)
+    ledger = RunLedger(catalog_url, run_id)
     started_ray = False
+    signals = contextlib.ExitStack()
     try:
+        journal.clear()  # the lease is ours: earlier runs' markers go (they count no death anyway)
+        swept = sweep_finished_runs(catalog_url, journals=False)
+        if swept:
+            log.info("removed the bookkeeping of %d runs that were killed: %s", len(swept), ", ".join(swept))
         done = Catalog(catalog_url).completed_keys(fingerprint, config.hash(), include_errors=not options.retry_errors)
         counts = [count_images(unit) for unit in units]
-        total = None if None in counts else max(0, sum(counts) - len(done))
-        log.info("run %s: %d units, %s images to audit, %d already audited", run_id, len(units), total, len(done))
+        # Which images of the input resume skips is known only once they are read (the key holds the
+        # bytes' hash): with anything audited already, the total to audit is not known beforehand.
+        total = None if None in counts or done else sum(counts)
+        log.info("run %s: %d units, %s images to audit, %d audited before", run_id, len(units), total, len(done))
 
         started_ray = not ray.is_initialized()
         if started_ray:
@@ -254,6 +300,7 @@ def run_audit(
                 log_to_driver=options.verbose,
                 logging_level=logging.INFO if options.verbose else logging.ERROR,
             )
+        signals.enter_context(_sigterm_stops_like_ctrl_c())  # after ray.init, which installs its own handler
         if not options.verbose:  # Ray's own progress bars and plans: memray prints its own progress
             context = ray.data.DataContext.get_current()
             context.enable_progress_bars = context.print_on_execution_start = False
@@ -263,8 +310,6 @@ def run_audit(
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
         _check_resources(ray, options, gpus)
-        journal = CrashJournal(catalog_url, fingerprint, config.hash(), run_id)
-        ledger = RunLedger(catalog_url, run_id)
         ray.data.DataContext.get_current().max_errored_blocks = options.max_failed_batches
         dataset = ray.data.from_items(
             [{"kind": u.kind, "uri": u.uri, "root": u.root, "allowed": list(u.allowed)} for u in units]
@@ -288,18 +333,19 @@ def run_audit(
         written: set[tuple[str, str | None]] = set()
         try:
             for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                table = _first_rows(table, written)
                 writer.add_table(table)  # rows stay Arrow from the actor to the file
-                written.update(zip(table.column("image_id").to_pylist(), table.column("image_sha256").to_pylist()))
                 progress.update(table)
         finally:
             writer.close()
         progress.print(final=True)
-        unfinished = ledger.unfinished([u.uri for u in units], written)
-        ledger.remove()
+        unfinished, skipped = ledger.outcome([u.uri for u in units], written)
     finally:
+        ledger.remove()  # judged, or interrupted: no later run reads it
         if started_ray:
             ray.shutdown()
         lease.release()
+        signals.close()
     if unfinished:
         log.warning("%d images have no row yet (their batch failed); rerun to audit them", len(unfinished))
     return AuditSummary(
@@ -307,7 +353,7 @@ def run_audit(
         model=model_slug(model_ref, fingerprint),
         rows=progress.done,
         errors=progress.errors,
-        skipped=len(done),
+        skipped=skipped,
         unfinished=unfinished,
         files=list(writer.files),
         seconds=time.monotonic() - started,
