@@ -202,6 +202,22 @@ def test_an_allowed_prefix_that_cannot_be_compared_safely_stops_the_audit_in_one
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.parametrize(
+    ("uri", "normal"),
+    [
+        ("HTTP://Example.COM:80/pub/./a/../b%20c.png?size=2#top", "http://example.com/pub/b%20c.png?size=2"),
+        ("https://h/pub/%2e%2e/%2E%2e%2fx", "https://h/x"),
+        ("http://[::1]:8080/a/", "http://[::1]:8080/a/"),
+        ("s3://bucket/a/../../b%2e", "s3://bucket/b%2e"),  # keys are literal, and cannot climb above the bucket
+        ("file:///tmp/../tmp/./x", "/tmp/x"),
+    ],
+)
+def test_the_normal_form_of_a_uri(uri, normal):
+    from memray.data.uris import locate
+
+    assert locate(uri).uri == normal and locate(normal) == locate(uri)  # normalising twice changes nothing
+
+
 # -- 13. links in a shard, pipes in a folder: error rows naming them --------------------------------
 
 

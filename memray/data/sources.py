@@ -295,7 +295,7 @@ def list_units(source: str, *, allow_uri_prefixes: tuple[str, ...] = ()) -> list
 def uri_root(uri: str) -> str:
     """The default place a manifest's entries may point into: its folder on a local disk, its bucket
     on object storage, its folder URL on a web server."""
-    return locate(uri).bucket().uri
+    return locate(uri).root().uri
 
 
 def _info(listing: _Listing, path: str) -> dict:

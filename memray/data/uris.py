@@ -75,14 +75,11 @@ class Location:
         same_place = (self.scheme, self.host, self.port) == (prefix.scheme, prefix.host, prefix.port)
         return same_place and self.segments[: len(folder)] == folder
 
-    def folder(self) -> Location:
-        """The folder that holds this location (its URL ends in a slash)."""
-        return dataclasses.replace(self, segments=(*self.segments[:-1], ""), query="")
-
-    def bucket(self) -> Location:
-        """An object store's bucket, a web server's folder, the local folder: where a manifest's own images are."""
+    def root(self) -> Location:
+        """Where a manifest at this location may point by default: its folder (local disk, web server),
+        or its bucket (object store)."""
         if self.scheme == "file" or self.scheme in WEB_PORTS:
-            return self.folder()
+            return dataclasses.replace(self, segments=(*self.segments[:-1], ""), query="")
         return dataclasses.replace(self, segments=(*self.segments[:1], ""))
 
 
@@ -144,14 +141,14 @@ def _web(uri: str, scheme: str) -> Location:
 
 
 def _store(uri: str, scheme: str, after_scheme: int) -> Location:
-    segments = _without_dot_segments(uri[after_scheme:].lstrip("/").split("/"))
-    if not segments or not segments[0]:
+    bucket, _, key = uri[after_scheme:].lstrip("/").partition("/")
+    if not bucket or bucket in (".", ".."):
         raise UriError(f"{uri}: no bucket")
-    if "@" in segments[0]:
+    if "@" in bucket:
         raise UriError(f"{uri}: user information in a URL is refused")
     if _CONTROL.search(uri):
         raise UriError(f"{uri}: a control character in the uri")
-    return Location(scheme, segments=segments)
+    return Location(scheme, segments=(bucket, *_without_dot_segments(key.split("/"))))  # the key cannot climb out
 
 
 def normal_prefix(prefix: str) -> str:

@@ -27,10 +27,6 @@ log = logging.getLogger(__name__)
 STALE_SECONDS = 120.0
 
 
-def _journal_folder(root: str, model_fingerprint: str, config_hash: str) -> str:
-    return f"{root}/_inflight/{model_fingerprint[:16]}-{config_hash}"
-
-
 class CrashJournal:
     """Which images were being audited when their worker died, kept on the catalog's filesystem.
 
@@ -44,7 +40,7 @@ class CrashJournal:
 
     def __init__(self, catalog_url, model_fingerprint: str, config_hash: str, run_id: str):
         self.fs, root = open_fs(catalog_url)
-        self.folder = _journal_folder(root, model_fingerprint, config_hash)
+        self.folder = f"{root}/_inflight/{model_fingerprint[:16]}-{config_hash}"  # named as its lease is
         self.run_id = run_id
 
     def _path(self, key: tuple[str, str | None]) -> str:
@@ -254,7 +250,7 @@ def sweep_finished_runs(catalog_url, *, journals: bool = True, stale_seconds: fl
         except FileNotFoundError:  # released meanwhile
             continue
         if holder is not None and _holder_alive(holder, stale_seconds):
-            live_runs.add(holder["run_id"])
+            live_runs.add(holder["run_id"])  # lease-<model>-<config>.json holds _inflight/<model>-<config>/
             live_journals.add(posixpath.basename(path).removeprefix("lease-").removesuffix(".json"))
     stale = [f for f in ledgers if posixpath.basename(f) not in live_runs]
     stale += [f for f in inflight if posixpath.basename(f) not in live_journals]
