@@ -230,9 +230,13 @@ def validate(config: AuditConfig) -> None:
     }
     problems += [f"{name}: must be > 0, got {value}" for name, value in positive.items() if not value > 0]
     problems += [f"{name}: must be at most {high:,}, got {value:,}" for name, (value, high) in _upper_bounds(config)]
-    if config.similarity.threshold is not None and not 0 < config.similarity.threshold <= 1:
+    # At or below the similarity's least value every sample replicates; above 1 (an exact copy) none does.
+    lowest = {"tiled_l2": 0.0, "sscd": -1.0, "latent_l2": -math.inf}.get(config.similarity.kind)
+    threshold = config.similarity.threshold
+    if threshold is not None and lowest is not None and not lowest < threshold <= 1:
         problems.append(
-            f"similarity.threshold: must be in (0, 1] (a similarity of 1 is a copy), got {config.similarity.threshold}"
+            f"similarity.threshold: must be in ({lowest:g}, 1] for {config.similarity.kind} (1: an exact copy), "
+            f"got {threshold}"
         )
     if config.wasserstein.noises < 2:
         problems.append("wasserstein.noises: needs at least 2 noises for a spread")

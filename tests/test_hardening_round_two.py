@@ -342,7 +342,7 @@ def test_a_nul_in_an_image_id_is_refused(tmp_path):
     [
         ("invmm.steps=1000000000000", "invmm.steps: must be at most 1,000,000"),
         ("z0_error.noises=100000000", "z0_error.noises: must be at most 100,000"),
-        ("similarity.threshold=-3", "similarity.threshold: must be in (0, 1]"),
+        ("similarity.threshold=-3", "similarity.threshold: must be in (0, 1] for tiled_l2"),
     ],
 )
 def test_settings_beyond_any_sensible_range_are_refused(setting, message):
