@@ -527,7 +527,7 @@ def _session_processes(leader: int) -> list[psutil.Process]:
 
 
 @pytest.mark.slow
-def test_sigterm_stops_an_audit_cleanly_and_the_next_run_resumes(tiny_sd_dir, tmp_path):
+def test_sigterm_stops_an_audit_as_ctrl_c_does(tiny_sd_dir, tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
     for i in range(6):
@@ -569,10 +569,6 @@ def test_sigterm_stops_an_audit_cleanly_and_the_next_run_resumes(tiny_sd_dir, tm
     while _running(processes) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not _running(processes)  # its local Ray (the actor with it) is gone too
-
-    subprocess.run(command, check=True, capture_output=True, timeout=600)
-    rows = Catalog(str(catalog)).query("SELECT image_id, status FROM audits ORDER BY image_id").to_pylist()
-    assert rows == [{"image_id": f"img{i}.png", "status": "ok"} for i in range(6)]  # one ok row each
 
 
 def _running(processes: list[psutil.Process]) -> list[psutil.Process]:
