@@ -17,7 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from memray.cli import main  # noqa: E402
+from memray.formatting import log_to_stderr  # noqa: E402
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_to_stderr(logging.INFO, "%(asctime)s %(levelname)s %(name)s: %(message)s")  # ids and paths escaped
     sys.exit(main(["audit", *sys.argv[1:]]))

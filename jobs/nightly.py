@@ -43,9 +43,10 @@ from memray.cli import (  # noqa: E402
     audit_config,
     pipeline_options,
     policy_from_args,
+    run_command,
 )
 from memray.distributed.pipeline import run_audit  # noqa: E402
-from memray.errors import USAGE_ERRORS  # noqa: E402
+from memray.formatting import log_to_stderr  # noqa: E402
 from memray.models import adapter_class  # noqa: E402
 from memray.models.loading import MODEL_INDEX, CheckpointError, resolve_checkpoint  # noqa: E402
 from memray.report.html import write_report  # noqa: E402
@@ -143,13 +144,9 @@ def nightly(args, audit_argv: list[str]) -> int:
 def main(argv=None) -> int:
     """Entry point: `python jobs/nightly.py ...`."""
     args, audit_argv = parse_args(argv)
-    try:
-        return nightly(args, audit_argv)
-    except USAGE_ERRORS as exc:
-        print(f"nightly: {exc}", file=sys.stderr)
-        return 2
+    return run_command("nightly", lambda: nightly(args, audit_argv))
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_to_stderr(logging.INFO, "%(asctime)s %(levelname)s %(name)s: %(message)s")  # ids and paths escaped
     sys.exit(main())

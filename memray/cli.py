@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from memray.errors import USAGE_ERRORS, ConfigError
-from memray.formatting import format_value
+from memray.errors import USAGE_ERRORS, ConfigError, Terminated, is_storage_access_error
+from memray.formatting import format_value, log_to_stderr, printable
 
 PRESET_NAMES = ("default", "quick", "reference")  # memray.config.PRESETS, named here so --help needs no torch
 
@@ -125,7 +125,7 @@ def cmd_inspect(args) -> int:
     row = result.row
     for key, value in row.to_dict().items():
         if key != "config":
-            print(f"{key:28s} {format_value(value)}")
+            print(f"{key:28s} {printable(format_value(value))}")
     if row.status != "ok":
         return 1
     out = Path(args.out)
@@ -168,9 +168,11 @@ def print_rows(rows, stream=None, truth: dict[str, str] | None = None) -> None:
     ]
     table = [
         [
-            format_value(getattr(row, c))
-            if row.status == "ok" or c == "image_id"
-            else (row.error if c == "verdict" else "")
+            printable(
+                format_value(getattr(row, c))
+                if row.status == "ok" or c == "image_id"
+                else (row.error if c == "verdict" else "")
+            )
             for c in columns
         ]
         + ([truth.get(row.image_id, "-")] if truth else [])
@@ -282,7 +284,7 @@ def cascade_options(args):
 def print_cascade(summary, stream=None) -> None:
     """A cascade run's summary lines."""
     for line in summary.lines():
-        print(line, file=stream or sys.stdout)
+        print(printable(line), file=stream or sys.stdout)
 
 
 def cmd_audit(args) -> int:
@@ -358,7 +360,7 @@ def cmd_query(args) -> int:
         write_parquet(table, args.out)
         print(f"wrote {table.num_rows} rows to {args.out}", file=sys.stderr)
     else:
-        text = format_table(table, args.format)
+        text = format_table(table, args.format, escape=not args.out and sys.stdout.isatty())
         if args.out:
             Path(args.out).write_text(text)
         else:
@@ -378,16 +380,22 @@ def cmd_status(args) -> int:
     print(f"catalog {args.catalog}: {models.num_rows} models")
     print(format_table(models, "table"))
     if last:
-        print(
+        line = (
             f"last run {last['run_id']} ({last['model']}): {last['rows']} rows, {last['errors']} errors, "
             f"{last['started']} .. {last['finished']}"
         )
+        print(printable(line))
     for model in models.column("model").to_pylist():
         summary = cascade_summary(catalog, model=model)
         if summary is not None:
             print_cascade(summary)
     for problem in catalog.ignored:
-        print(f"ignored: {problem}")
+        print(f"ignored: {printable(problem)}")
+    if args.gc:
+        from memray.distributed.bookkeeping import sweep_finished_runs
+
+        for folder in sweep_finished_runs(args.catalog):
+            print(f"removed: {printable(folder)} (the bookkeeping of a run that is over)")
     return 0
 
 
@@ -576,6 +584,9 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("status", help="one screen on a catalog: models, images, verdicts, failures, last run")
     p.add_argument("catalog")
+    p.add_argument(
+        "--gc", action="store_true", help="remove the bookkeeping (_runs/, _inflight/) of runs that are over"
+    )
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("migrate", help="rewrite a catalog's older files in the current schema version")
@@ -607,10 +618,29 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_report)
 
     args = parser.parse_args(argv)
+    log_to_stderr()
+    return run_command("memray", lambda: args.func(args))
+
+
+def run_command(prog: str, command) -> int:
+    """`command()`'s exit code, with a user's fault (USAGE_ERRORS, object storage without credentials) as
+    one line on stderr and exit code 2, and Ctrl-C or SIGTERM (Terminated) as one line and 130 or 143."""
     try:
-        return args.func(args)
+        return command()
     except USAGE_ERRORS as exc:
-        print(f"memray: {exc}", file=sys.stderr)
+        print(f"{prog}: {printable(str(exc), keep_newlines=True)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as stop:
+        name, code = ("SIGTERM", 143) if isinstance(stop, Terminated) else ("Ctrl-C", 130)
+        print(
+            f"{prog}: stopped by {name} (an audit keeps the rows written so far: the same command resumes)",
+            file=sys.stderr,
+        )
+        return code
+    except Exception as exc:
+        if not is_storage_access_error(exc):
+            raise
+        print(f"{prog}: cannot access object storage: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
 
 

@@ -108,6 +108,9 @@ class AuditConfig:
 
     def __post_init__(self):
         validate(self)
+        # One order and no repeats: the same measures listed in another order, or one twice, are the
+        # same audit (they run in the registry's order whatever the list says) and have one hash.
+        object.__setattr__(self, "measures", tuple(name for name in _MEASURE_ORDER if name in self.measures))
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict (tuples as lists)."""
@@ -130,14 +133,26 @@ class AuditConfig:
         return self.replace(measures=list(self.screens))
 
 
+# The order of `measures` in every config, and so in its hash: the default's (the order that configs
+# hashed before measures were put in order used, so their catalogs still resume), then any other
+# registered measure in the registry's order.
+_MEASURE_ORDER = (*AuditConfig.measures, *(name for name in MEASURES if name not in AuditConfig.measures))
+
+
 def _build(cls, data, where: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a table of settings, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where}: unknown setting(s) {unknown}; known: {sorted(fields)}")
     hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - set(fields))
+    if unknown and where:
+        raise ConfigError(f"{where}: unknown setting(s) {unknown}; known: {sorted(fields)}")
+    if unknown:  # the top level: say what each unknown name was taken for, a section or a setting
+        sections = sorted(name for name in fields if dataclasses.is_dataclass(hints[name]))
+        named = [f"{'section' if isinstance(data[name], dict) else 'setting'} {name!r}" for name in unknown]
+        raise ConfigError(
+            f"unknown {', '.join(named)}; sections: {sections}; settings: {sorted(set(fields) - set(sections))}"
+        )
     kwargs = {name: _coerce(hints[name], value, f"{where}.{name}" if where else name) for name, value in data.items()}
     try:
         return cls(**kwargs)
@@ -228,11 +243,22 @@ def validate(config: AuditConfig) -> None:
         "invmm.loss_window": config.invmm.loss_window,
         "invmm.temperature": config.invmm.temperature,
         "invmm.lr": config.invmm.lr,
+        "noise_inversion.lr": config.noise_inversion.lr,
+        "prompt_inversion.lr": config.prompt_inversion.lr,
         "wen.generations": config.wen.generations,
         "wen.steps": config.wen.steps,
         "images.max_pixels": config.images.max_pixels,
     }
     problems += [f"{name}: must be > 0, got {value}" for name, value in positive.items() if not value > 0]
+    problems += [f"{name}: must be at most {high:,}, got {value:,}" for name, (value, high) in _upper_bounds(config)]
+    # At or below the similarity's least value every sample replicates; above 1 (an exact copy) none does.
+    lowest = {"tiled_l2": 0.0, "sscd": -1.0, "latent_l2": -math.inf}.get(config.similarity.kind)
+    threshold = config.similarity.threshold
+    if threshold is not None and lowest is not None and not lowest < threshold <= 1:
+        problems.append(
+            f"similarity.threshold: must be in ({lowest:g}, 1] for {config.similarity.kind} (1: an exact copy), "
+            f"got {threshold}"
+        )
     if config.wasserstein.noises < 2:
         problems.append("wasserstein.noises: needs at least 2 noises for a spread")
     if config.hard_prompt.top_k**config.hard_prompt.tokens > 100_000:
@@ -284,6 +310,50 @@ def validate(config: AuditConfig) -> None:
         )
     if problems:
         raise ConfigError("invalid audit configuration:\n  " + "\n  ".join(problems))
+
+
+# Far above any useful value (the reference protocol runs 2000 steps, 16 samples a step, 1000 noises,
+# 50 timesteps) and low enough that a typo (three zeros too many) stops at start-up instead of running
+# out of memory, or for a year.
+MAX_ITERATIONS = 1_000_000  # optimisation steps, restarts: sequential work
+MAX_BATCH = 4096  # samples evaluated at once: per step, per check, per generation
+MAX_NOISES = 100_000  # noise sets drawn for one image
+MAX_TIMESTEPS = 1000  # a diffusion schedule has 1000 training timesteps
+MAX_PROMPT_TOKENS = 75  # CLIP's 77 slots less the start and end tokens
+MAX_PIXELS = 1_000_000_000
+
+
+def _upper_bounds(config: AuditConfig):
+    """(name, (value, bound)) of every setting above its upper bound."""
+    bounds = {
+        "invmm.steps": (config.invmm.steps, MAX_ITERATIONS),
+        "invmm.check_every": (config.invmm.check_every, MAX_ITERATIONS),
+        "invmm.loss_window": (config.invmm.loss_window, MAX_ITERATIONS),
+        "invmm.stop_after": (config.invmm.stop_after, MAX_ITERATIONS),
+        "invmm.gate_steps": (config.invmm.gate_steps, MAX_ITERATIONS),
+        "noise_inversion.steps": (config.noise_inversion.steps, MAX_ITERATIONS),
+        "noise_inversion.regularized_steps": (config.noise_inversion.regularized_steps, MAX_ITERATIONS),
+        "prompt_inversion.steps": (config.prompt_inversion.steps, MAX_ITERATIONS),
+        "hard_prompt.steps": (config.hard_prompt.steps, MAX_ITERATIONS),
+        "hard_prompt.restarts": (config.hard_prompt.restarts, MAX_ITERATIONS),
+        "invmm.samples_per_step": (config.invmm.samples_per_step, MAX_BATCH),
+        "invmm.check_noises": (config.invmm.check_noises, MAX_BATCH),
+        "noise_inversion.samples_per_step": (config.noise_inversion.samples_per_step, MAX_BATCH),
+        "prompt_inversion.samples_per_step": (config.prompt_inversion.samples_per_step, MAX_BATCH),
+        "hard_prompt.test_samples": (config.hard_prompt.test_samples, MAX_BATCH),
+        "wen.generations": (config.wen.generations, MAX_BATCH),
+        "z0_error.noises": (config.z0_error.noises, MAX_NOISES),
+        "wasserstein.noises": (config.wasserstein.noises, MAX_NOISES),
+        "noise_inversion.ks_samples": (config.noise_inversion.ks_samples, MAX_NOISES),
+        "similarity.null_samples": (config.similarity.null_samples, MAX_NOISES),
+        "z0_error.timesteps": (config.z0_error.timesteps, MAX_TIMESTEPS),
+        "wasserstein.timesteps": (config.wasserstein.timesteps, MAX_TIMESTEPS),
+        "invmm.sampling_steps": (config.invmm.sampling_steps, MAX_TIMESTEPS),
+        "wen.sampling_steps": (config.wen.sampling_steps, MAX_TIMESTEPS),
+        "hard_prompt.tokens": (config.hard_prompt.tokens, MAX_PROMPT_TOKENS),
+        "images.max_pixels": (config.images.max_pixels, MAX_PIXELS),
+    }
+    return [(name, bound) for name, bound in bounds.items() if bound[0] > bound[1]]
 
 
 def apply_overrides(config: AuditConfig, overrides, **changes) -> AuditConfig:

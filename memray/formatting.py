@@ -5,9 +5,48 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
+import re
 
 import pyarrow as pa
+
+# What a terminal acts on instead of showing: C0 controls (ESC starts an escape sequence, BEL rings),
+# DEL, C1 controls (0x9b is a one-byte CSI), and the bidirectional overrides that reorder what is shown.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_CONTROL_BUT_NEWLINE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_NAMED_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def printable(text: str, *, keep_newlines: bool = False) -> str:
+    """`text` safe to write to a terminal: control characters shown escaped (`\\x1b`, `\\n`, `\\u202e`)."""
+    pattern = _CONTROL_BUT_NEWLINE if keep_newlines else _CONTROL
+    return pattern.sub(lambda found: _escape(found.group()), text)
+
+
+def _escape(char: str) -> str:
+    if char in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[char]
+    return f"\\x{ord(char):02x}" if ord(char) <= 0xFF else f"\\u{ord(char):04x}"
+
+
+class PrintableFormatter(logging.Formatter):
+    """A log formatter whose lines never carry a control character to the terminal (ids and paths are data)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The formatted record, control characters escaped (newlines of tracebacks kept)."""
+        return printable(super().format(record), keep_newlines=True)
+
+
+def log_to_stderr(level: int = logging.WARNING, fmt: str = "%(message)s") -> None:
+    """Send log records to stderr through PrintableFormatter, unless logging is configured already."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(PrintableFormatter(fmt))
+    root.addHandler(handler)
+    root.setLevel(level)
 
 
 def format_value(value) -> str:
@@ -54,8 +93,12 @@ def _text_value(value) -> str:
     return str(value)
 
 
-def format_table(table: pa.Table, fmt: str = "table") -> str:
-    """A query result as text: `table` (aligned columns), `csv` (with header) or `json` (records)."""
+def format_table(table: pa.Table, fmt: str = "table", *, escape: bool = False) -> str:
+    """A query result as text: `table` (aligned columns), `csv` (with header) or `json` (records).
+
+    A table shows control characters escaped (it is for people); JSON escapes them anyway; CSV keeps
+    them unless `escape` (CSV bound for a terminal rather than a file).
+    """
     names = table.column_names
     records = table.to_pylist()
     if fmt == "json":
@@ -63,12 +106,14 @@ def format_table(table: pa.Table, fmt: str = "table") -> str:
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(names)
+        shown = printable if escape else str
+        writer.writerow([shown(n) for n in names])
         for r in records:
-            writer.writerow(["" if r[n] is None else r[n] for n in names])
+            writer.writerow(["" if r[n] is None else shown(str(r[n])) for n in names])
         return out.getvalue()
     if fmt == "table":
-        cells = [[_text_value(r[n]).replace("\n", "\\n") for n in names] for r in records]
+        cells = [[printable(_text_value(r[n])) for n in names] for r in records]
+        names = [printable(n) for n in names]
         numeric = [
             pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t) for t in table.schema.types
         ]

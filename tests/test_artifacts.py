@@ -22,7 +22,7 @@ from memray.data.records import ImageInput
 
 # latent L2 is unbounded below: -1e9 replicates at InvMM's first check, 1e9 never does
 REPLICATING = tiny_budgets().replace(similarity={"kind": "latent_l2", "threshold": -1e9, "nulls": False})
-NEVER = REPLICATING.replace(similarity={"threshold": 1e9})
+NEVER = REPLICATING.replace(similarity={"threshold": 1.0})  # only an exact copy
 # guidance 2 only: every replica step evaluates the conditional and the unconditional branch
 SD = REPLICATING.replace(measures=["invmm", "prompt_inversion", "wasserstein"], invmm={"guidance_scales": [2.0]})
 COUNT = 3

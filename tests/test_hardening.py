@@ -57,10 +57,12 @@ def test_a_catalog_that_cannot_be_written_stops_the_audit_before_any_work(tiny_s
 
 def test_a_run_with_an_image_read_but_never_written_is_not_green(tmp_path):
     ledger = RunLedger(str(tmp_path), "run-1")
-    ledger.record("shard-a", [("a/1", "h1"), ("a/2", "h2")])
-    unfinished = ledger.unfinished(["shard-a", "shard-b"], finished={("a/1", "h1")})
+    ledger.record("shard-a", [("a/1", "h1"), ("a/2", "h2")], [("a/0", "h0")])
+    unfinished, skipped = ledger.outcome(["shard-a", "shard-b"], written={("a/1", "h1")})
     assert unfinished == ["a/2", "unit: shard-b"]  # an image without a row, a unit never read to its end
-    assert ledger.unfinished(["shard-a"], finished={("a/1", "h1"), ("a/2", "h2")}) == []
+    assert ledger.outcome(["shard-a"], written={("a/1", "h1"), ("a/2", "h2")}) == ([], 1)
+    # the run's population: what it audited and what resume skipped (a cascade selects from all of it)
+    assert ledger.population(["shard-a", "shard-b"]) == {("a/0", "h0"), ("a/1", "h1"), ("a/2", "h2")}
     ledger.remove()
     assert not (tmp_path / "_runs" / "run-1").exists()
 

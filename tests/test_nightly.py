@@ -19,8 +19,8 @@ from memray.models.tiny import build_tiny_sd
 pytest_plugins = ["s3server"]
 REPO = Path(__file__).resolve().parent.parent
 # The similarity threshold decides InvMM's success check: never met, or met at the first check.
-NEVER_REPLICATED = [*SMALL_FLAGS, "--set", "similarity.threshold=1e9"]
-ALWAYS_REPLICATED = [*SMALL_FLAGS, "--set", "similarity.threshold=-1e9", "--set", "similarity.nulls=false"]
+NEVER_REPLICATED = [*SMALL_FLAGS, "--set", "similarity.threshold=1.0"]  # only an exact copy
+ALWAYS_REPLICATED = [*SMALL_FLAGS, "--set", "similarity.threshold=1e-9", "--set", "similarity.nulls=false"]
 
 
 def load_job():

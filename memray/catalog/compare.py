@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 
 from memray.catalog.reader import Catalog
 from memray.errors import CatalogQueryError
-from memray.formatting import format_table
+from memray.formatting import format_table, printable
 
 _IDS_IN_MESSAGE = 10
 _DESCRIPTIONS = {
@@ -191,7 +191,7 @@ class Comparison:
                 lines.append(f"(first {shown.num_rows} of {table.num_rows} images; JSON output lists all)")
         lines += ["", *(f"warning: {w}" for w in self.warnings)]
         lines += [f"VIOLATION: {v}" for v in self.violations] or ["policy: passed"]
-        return "\n".join(lines)
+        return printable("\n".join(lines), keep_newlines=True)  # model names and ids are data
 
 
 def _models(con) -> list[str]:

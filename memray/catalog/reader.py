@@ -9,10 +9,13 @@ Views (in a fresh in-memory DuckDB per `Catalog.connect()`):
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
+import math
 import os
 import re
+import shutil
 import tempfile
 import threading
 
@@ -24,6 +27,7 @@ from memray.catalog.cascade import CASCADE_VIEW_SQL, SELECTION_FOLDER, SELECTION
 from memray.catalog.files import is_local, open_fs, protocols
 from memray.catalog.schema import ARROW_SCHEMA, SCHEMA_VERSION
 from memray.errors import CatalogQueryError
+from memray.formatting import printable
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,30 @@ SELECT * FROM read_parquet({files}, hive_partitioning = false, union_by_name = t
 """
 
 
+def _schema_problem(schema: pa.Schema) -> str | None:
+    """Why a Parquet file cannot join the views (None: it can): not memray's, or a column of another
+    type than the catalog's, which would break every query over the union of the files."""
+    version = (schema.metadata or {}).get(b"memray_schema_version", b"")
+    if not (version.isdigit() and 1 <= int(version) <= SCHEMA_VERSION):
+        return "not a memray catalog file (no memray schema version in its metadata)"
+    wrong = [
+        f"{field.name} is {field.type}, not {ARROW_SCHEMA.field(field.name).type}"
+        for field in schema
+        if field.name in ARROW_SCHEMA.names and not _same_type(field.type, ARROW_SCHEMA.field(field.name).type)
+    ]
+    return "columns of the wrong type: " + "; ".join(wrong) if wrong else None
+
+
+def _same_type(found: pa.DataType, expected: pa.DataType) -> bool:
+    """Equal types, lists compared by their values (a list's item field may be named item or element);
+    a column of nulls only (an all-NULL column of an old writer) fits any type."""
+    if pa.types.is_null(found):
+        return True
+    if pa.types.is_list(found) and pa.types.is_list(expected):
+        return found.value_type == expected.value_type
+    return found == expected
+
+
 class Catalog:
     """Read side of a catalog: DuckDB views `audits` and `latest`, read-only queries, resume keys.
 
@@ -95,18 +123,16 @@ class Catalog:
         for path in found:
             try:
                 with self.fs.open(path, "rb") as handle:
-                    metadata = pq.read_schema(handle).metadata or {}
+                    schema = pq.read_schema(handle)
             except Exception as error:  # noqa: BLE001 - zero bytes, a torn copy, a foreign format: all unreadable
                 problem = f"unreadable ({type(error).__name__}: {error})"
             else:
-                version = metadata.get(b"memray_schema_version", b"")
-                known = version.isdigit() and 1 <= int(version) <= SCHEMA_VERSION
-                problem = None if known else "not a memray catalog file (no memray schema version in its metadata)"
+                problem = _schema_problem(schema)
             if problem is None:
                 good.append(path)
             else:
                 self.ignored.append(f"{path}: {problem}")
-                log.warning("catalog %s: ignoring %s: %s", self.url, path, problem)
+                log.warning("catalog %s: ignoring %s: %s", printable(self.url), printable(path), printable(problem))
         return good
 
     def _parquet_files(self) -> list[str]:
@@ -184,6 +210,8 @@ class Catalog:
     def query(self, sql: str, *, timeout: float | None = 300.0) -> pa.Table:
         """Run one read-only SELECT over the views; anything else, or one running past `timeout`
         seconds (None: no limit), raises CatalogQueryError."""
+        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+            raise CatalogQueryError(f"the query time limit must be a finite number of seconds > 0, got {timeout}")
         con = self.connect()
         timer = threading.Timer(timeout, con.interrupt) if timeout else None
         try:
@@ -231,5 +259,7 @@ class Catalog:
 @functools.cache
 def _private_temp_directory() -> str:
     """A temporary folder of this process only, for DuckDB's spills (not the working directory,
-    where a later query could read another one's spills)."""
-    return tempfile.mkdtemp(prefix="memray-duckdb-")
+    where a later query could read another one's spills), removed when the process exits."""
+    folder = tempfile.mkdtemp(prefix="memray-duckdb-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder

@@ -10,14 +10,13 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import os
-import stat
 import struct
 
-import fsspec
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from memray.data.uris import Location, UriError, locate, read_location
 
 # PIL's default warning threshold (Image.MAX_IMAGE_PIXELS): about 0.25 GiB as 24-bit RGB.
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -82,25 +81,27 @@ def perceptual_hash(image: Image.Image) -> str:
     return str(imagehash.phash(image))
 
 
-def read_bytes(uri: str, *, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+def read_bytes(
+    uri: str | Location, *, max_bytes: int = MAX_IMAGE_BYTES, prefixes: tuple[Location, ...] | None = None
+) -> bytes:
     """Read a local path or any fsspec URL into memory: at most `max_bytes`, from a regular file.
 
     Every way memray reads an image goes through here (or reads a shard member under the same
-    cap), so one limit holds everywhere; a device or pipe (/dev/zero) is refused before a read.
+    cap), so one limit holds everywhere. The uri is normalised once (memray.data.uris) and exactly
+    that location is read; a device or pipe (/dev/zero) is refused without waiting on it, and an
+    HTTP(S) redirect is followed only within `prefixes` (None: the user named the uri, any hop).
     """
-    local = "://" not in uri or uri.startswith("file://")
-    path = uri[len("file://") :] if uri.startswith("file://") else uri
     try:
-        if local and not stat.S_ISREG(os.stat(path).st_mode):
-            raise ImageDecodeError(f"not a regular file: {uri}")
-        with fsspec.open(uri, "rb") as handle:
-            data = handle.read(max_bytes + 1)
+        location = uri if isinstance(uri, Location) else locate(uri)
+        data = read_location(location, max_bytes=max_bytes, prefixes=prefixes)
+    except UriError as error:
+        raise ImageDecodeError(str(error)) from error
     except FileNotFoundError as error:
-        raise ImageDecodeError(f"missing file: {uri}") from error
+        raise ImageDecodeError(f"missing file: {location.uri}") from error
     except OSError as error:  # a directory, no permission, a storage error: this image's fault alone
-        raise ImageDecodeError(f"unreadable file: {uri}: {error}") from error
+        raise ImageDecodeError(f"unreadable file: {location.uri}: {error}") from error
     if len(data) > max_bytes:
-        raise ImageDecodeError(f"file is over {max_bytes} bytes, not read: {uri}")
+        raise ImageDecodeError(f"file is over {max_bytes} bytes, not read: {location.uri}")
     return data
 
 

@@ -14,12 +14,12 @@ import fsspec
 
 from memray.data.images import MAX_IMAGE_BYTES, ImageDecodeError, read_bytes, sha256_hex
 from memray.data.records import record
-from memray.data.sources import Unit, read_unit, uri_allowed
+from memray.data.sources import Unit, read_unit
+from memray.data.uris import Location, UriError, allows, locate
 
 
 def _container_kind(container: str) -> str:
-    lower = container.lower()
-    return "parquet" if lower.endswith(".parquet") else "tar"
+    return "parquet" if container.lower().endswith(".parquet") else "tar"
 
 
 def _member_bytes(container: str, source: str) -> bytes:
@@ -32,6 +32,17 @@ def _member_bytes(container: str, source: str) -> bytes:
     raise ImageDecodeError(f"{source}: no such member in {container} any more")
 
 
+def _byte_range(location: Location, offset: int, length: int) -> bytes:
+    """`length` bytes at `offset` of the file at `location`: one ranged read (a single GET on object storage)."""
+    if not 0 <= length <= MAX_IMAGE_BYTES:
+        raise ImageDecodeError(f"{location.uri}: {length} bytes is over the {MAX_IMAGE_BYTES}-byte cap")
+    if location.scheme == "file":
+        with open(location.uri, "rb") as handle:
+            handle.seek(offset)
+            return handle.read(length)
+    return fsspec.filesystem(location.scheme).cat_file("/".join(location.segments), start=offset, end=offset + length)
+
+
 def read_located(located: dict, allowed: tuple[str, ...]) -> dict:
     """The record of one image read again from its row's place (keys: image_id, image_sha256, source,
     source_offset, source_length, caption, url, selected_by); faults become the record's error."""
@@ -39,19 +50,18 @@ def read_located(located: dict, allowed: tuple[str, ...]) -> dict:
     container = source.rpartition("#")[0] if "#" in source else source
     keep = {k: located.get(k) for k in ("caption", "url", "source_offset", "source_length", "selected_by")}
     try:
-        if not uri_allowed(container, allowed):
-            raise ImageDecodeError(f"{container} is outside the sources this run may read ({', '.join(allowed)})")
+        prefixes = tuple(locate(prefix) for prefix in allowed)
+        location = locate(container)  # normalised once: the check and the read see the same location
+        if not allows(prefixes, location):
+            raise UriError(f"{container} is outside the sources this run may read ({', '.join(allowed)})")
         offset, length = located.get("source_offset"), located.get("source_length")
-        if offset is not None and length is not None:
-            if not 0 <= length <= MAX_IMAGE_BYTES:
-                raise ImageDecodeError(f"{source}: {length} bytes is over the {MAX_IMAGE_BYTES}-byte cap")
-            fs, path = fsspec.core.url_to_fs(container)
-            data = fs.cat_file(path, start=offset, end=offset + length)
+        if offset is not None and length is not None and location.scheme not in ("http", "https"):
+            data = _byte_range(location, offset, length)
         elif "#" in source:
-            data = _member_bytes(container, source)
+            data = _member_bytes(location.uri, source.replace(container, location.uri, 1))
         else:
-            data = read_bytes(source)
-    except ImageDecodeError as error:
+            data = read_bytes(location, prefixes=prefixes)
+    except (ImageDecodeError, UriError) as error:
         return record(located["image_id"], source=source, error=str(error), **keep)
     except Exception as error:  # noqa: BLE001 - any storage fault belongs to this image alone
         return record(located["image_id"], source=source, error=f"cannot read {source} again: {error}", **keep)

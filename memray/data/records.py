@@ -29,5 +29,12 @@ class ImageInput:
 
 
 def record(image_id: str, **fields) -> dict:
-    """An ImageInput as the plain dict a source yields."""
+    """An ImageInput as the plain dict a source yields.
+
+    An id with a NUL in it is refused: C strings, terminals and file names end at a NUL, so two ids
+    that differ after it would pass for one. The record becomes an error, its id shown escaped.
+    """
+    if "\x00" in image_id:
+        fields = {**fields, "data": None, "error": f"the image id {image_id!r} contains a NUL character"}
+        image_id = image_id.replace("\x00", "\\x00")
     return dataclasses.asdict(ImageInput(image_id, **fields))

@@ -21,6 +21,7 @@ import logging
 import os
 import posixpath
 import re
+import stat
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from memray.data.images import MAX_IMAGE_BYTES, ImageDecodeError, read_bytes
 from memray.data.records import record
+from memray.data.uris import Location, UriError, allows, locate, normal_prefix
 from memray.errors import SourceError
 
 log = logging.getLogger(__name__)
@@ -272,6 +274,7 @@ def list_units(source: str, *, allow_uri_prefixes: tuple[str, ...] = ()) -> list
     """
     if not isinstance(source, str) or not source.strip():
         raise SourceError("empty source")
+    prefixes = tuple(normal_prefix(prefix) for prefix in allow_uri_prefixes)
     listing = _Listing(source.strip())
     path = listing.path
     if _has_braces(path):
@@ -282,7 +285,7 @@ def list_units(source: str, *, allow_uri_prefixes: tuple[str, ...] = ()) -> list
         units = _list_path(listing, path)
     unique = {unit.uri: unit for unit in units}
     return [
-        dataclasses.replace(unique[uri], allowed=(uri_root(uri), *allow_uri_prefixes))
+        dataclasses.replace(unique[uri], allowed=(uri_root(uri), *prefixes))
         if unique[uri].kind == "manifest"
         else unique[uri]
         for uri in sorted(unique)
@@ -292,29 +295,7 @@ def list_units(source: str, *, allow_uri_prefixes: tuple[str, ...] = ()) -> list
 def uri_root(uri: str) -> str:
     """The default place a manifest's entries may point into: its folder on a local disk, its bucket
     on object storage, its folder URL on a web server."""
-    scheme = _SCHEME.match(uri)
-    if scheme and not uri.startswith("file://"):
-        rest = uri[scheme.end() :]
-        if scheme.group(0).lower() in ("http://", "https://"):
-            return scheme.group(0) + posixpath.dirname(rest) + "/"
-        return scheme.group(0) + rest.split("/", 1)[0] + "/"
-    return os.path.dirname(os.path.realpath(_local_path(uri))) + "/"
-
-
-def _local_path(uri: str) -> str:
-    return uri[len("file://") :] if uri.startswith("file://") else uri
-
-
-def uri_allowed(uri: str, allowed: tuple[str, ...]) -> bool:
-    """Whether `uri` lies under one of the `allowed` prefixes, after resolving `..` (and, on a local
-    disk, symbolic links): a path cannot climb out of an allowed folder."""
-    scheme = _SCHEME.match(uri)
-    if scheme and not uri.startswith("file://"):
-        normal = scheme.group(0) + posixpath.normpath(uri[scheme.end() :])
-        return any(normal.startswith(prefix) for prefix in allowed if _SCHEME.match(prefix))
-    path = os.path.realpath(_local_path(uri))
-    local = [os.path.realpath(_local_path(p)) for p in allowed if not _SCHEME.match(p) or p.startswith("file://")]
-    return any(path == folder or path.startswith(folder.rstrip("/") + "/") for folder in local)
+    return locate(uri).root().uri
 
 
 def _info(listing: _Listing, path: str) -> dict:
@@ -334,17 +315,30 @@ def _list_path(listing: _Listing, path: str) -> list[Unit]:
         if not units:
             raise SourceError(f"no image files, .tar shards or image parquet files under {listing.source}")
         return units
+    if not _regular(listing, path):
+        raise SourceError(f"{listing.source} is not a regular file")
     return [_classify_named_file(listing, path)]
 
 
+def _regular(listing: _Listing, path: str) -> bool:
+    """Whether a file can be opened without waiting on it: a FIFO on a local disk would block its reader
+    (object stores hold only regular files). A missing or unreadable file counts as regular: its read says why."""
+    if not listing.local:
+        return True
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return True
+
+
 def _files_under(listing: _Listing, folder: str) -> list[str]:
-    """Every file below `folder` (symbolic links too: reading checks where they lead), skipping hidden
-    files and folders (.git, .ipynb_checkpoints, ._x.jpg)."""
+    """Every file below `folder` (symbolic links, pipes and devices too: reading checks where they lead
+    and what they are), skipping hidden files and folders (.git, .ipynb_checkpoints, ._x.jpg)."""
     found = listing.fs.find(folder, detail=True)
     base = folder.rstrip("/")
     files = []
     for path, info in found.items():
-        if info.get("type", "file") != "file" and not info.get("islink"):
+        if info.get("type") == "directory" and not info.get("islink"):
             continue
         relative = path[len(base) + 1 :] if path.startswith(base + "/") else path.rsplit("/", 1)[-1]
         if any(part.startswith(".") for part in relative.split("/")):
@@ -389,7 +383,10 @@ def _collect(listing: _Listing, named: list[str], in_folders: list[str], image_r
     units = []
     for path, named_here in [(p, True) for p in named] + [(p, False) for p in in_folders]:
         uri = listing.uri(path)
-        if _is_image(path):
+        readable_kind = _is_image(path) or _is_tar(path) or _is_parquet(path)
+        if readable_kind and not _regular(listing, path):
+            units.append(Unit("image", uri, root_uri))  # never opened: its read is an error row naming it
+        elif _is_image(path):
             units.append(Unit("image", uri, root_uri))
         elif _is_tar(path):
             units.append(Unit("tar", uri, root_uri))
@@ -554,17 +551,26 @@ def read_unit(unit: Unit) -> Iterator[dict]:
 
 def _read_image(unit: Unit) -> Iterator[dict]:
     image_id = stable_path_id(unit.uri, unit.root)
+    try:
+        location = locate(unit.uri)
+    except UriError as error:
+        yield record(image_id, source=unit.uri, uri=unit.uri, error=str(error))
+        return
     # A symbolic link in a source folder is read like a file, unless it leads out of the folder.
-    if unit.root is not None and not uri_allowed(unit.uri, (unit.root,)):
+    if unit.root is not None and not location.within(locate(unit.root)):
         yield record(image_id, source=unit.uri, uri=unit.uri, error=f"{unit.uri} links outside its source {unit.root}")
         return
-    yield _read_image_record(image_id, unit.uri)
+    yield _read_image_record(image_id, location)
 
 
-def _read_image_record(image_id: str, uri: str, *, caption: str | None = None) -> dict:
-    """The record of one image file, its bytes read here (under the one size cap), or why not."""
+def _read_image_record(
+    image_id: str, location: Location, *, caption: str | None = None, prefixes: tuple[Location, ...] | None = None
+) -> dict:
+    """The record of one image file, its bytes read at `location` (under the one size cap, redirects
+    only within `prefixes`), or why not."""
+    uri = location.uri
     try:
-        data = read_bytes(uri)
+        data = read_bytes(location, prefixes=prefixes)
     except MemoryError:
         raise
     except ImageDecodeError as error:
@@ -702,7 +708,13 @@ def _member_id(unit: Unit, key: str) -> str:
 
 
 def _tar_samplerecord(
-    unit: Unit, key: str, parts: dict, exts: list[str], sidecar: _SiblingCaptions, places: dict
+    unit: Unit,
+    key: str,
+    parts: dict,
+    exts: list[str],
+    sidecar: _SiblingCaptions,
+    places: dict,
+    irregular: dict[str, str],
 ) -> dict:
     source = f"{unit.uri}#{key}"
     image_id = _member_id(unit, key)
@@ -724,6 +736,9 @@ def _tar_samplerecord(
         return record(
             image_id, source=source, caption=caption, error=f"no image in sample (members: {', '.join(exts)})"
         )
+    if image_ext in irregular:
+        error = f"image member {key}.{image_ext} is {irregular[image_ext]}, not a regular file: not read"
+        return record(image_id, source=source, caption=caption, error=error)
     if image_ext not in parts:
         return record(
             image_id,
@@ -756,7 +771,7 @@ def _read_tar(unit: Unit) -> Iterator[dict]:
         return
     state: dict = {}
     done = 0
-    key, parts, exts, places = None, {}, [], {}
+    key, parts, exts, places, irregular = None, {}, [], {}, {}
     # Members of an uncompressed tar sit at fixed byte offsets: one ranged read finds one again.
     plain = unit.uri.lower().endswith(".tar")
     damage = None
@@ -767,7 +782,7 @@ def _read_tar(unit: Unit) -> Iterator[dict]:
             if member is None:
                 break
             archive.members.clear()  # streaming: do not keep every header of a 10k-sample shard
-            if not member.isfile():
+            if member.isdir():
                 continue
             split = _split_member(member.name)
             if split is None:
@@ -775,12 +790,15 @@ def _read_tar(unit: Unit) -> Iterator[dict]:
             member_key, ext = split
             if member_key != key:
                 if key is not None:
-                    yield _tar_samplerecord(unit, key, parts, exts, sidecar, places)
+                    yield _tar_samplerecord(unit, key, parts, exts, sidecar, places, irregular)
                     done += 1
-                key, parts, exts, places = member_key, {}, [], {}
+                key, parts, exts, places, irregular = member_key, {}, [], {}, {}
             exts.append(ext)
+            # Links, devices and pipes are never followed or read: the sample says what its member is.
+            if not member.isfile():
+                irregular.setdefault(ext, _member_kind(member))
             # Only images and caption files are read; everything else (.pkl, .pt, .npy) stays unread.
-            if ext in _TAR_IMAGE_EXTS and ext not in parts and member.size <= MAX_IMAGE_BYTES:
+            elif ext in _TAR_IMAGE_EXTS and ext not in parts and member.size <= MAX_IMAGE_BYTES:
                 parts[ext] = _read_member(archive, member)
                 if plain:
                     places[ext] = (member.offset_data, member.size)
@@ -796,7 +814,7 @@ def _read_tar(unit: Unit) -> Iterator[dict]:
         opened.__exit__(None, None, None)
     if damage is None:
         if key is not None:
-            yield _tar_samplerecord(unit, key, parts, exts, sidecar, places)
+            yield _tar_samplerecord(unit, key, parts, exts, sidecar, places, irregular)
         return
     # The last sample may be missing members (or be cut inside its image): only samples whose end
     # was seen are trusted.
@@ -806,6 +824,15 @@ def _read_tar(unit: Unit) -> Iterator[dict]:
         source=unit.uri,
         error=f"truncated or corrupt tar: {damage} (after {done} complete sample{'' if done == 1 else 's'}{lost})",
     )
+
+
+def _member_kind(member: tarfile.TarInfo) -> str:
+    """What a tar member that is not a regular file is, for an error row."""
+    if member.issym():
+        return f"a symbolic link to {member.linkname!r}"
+    if member.islnk():
+        return f"a hard link to {member.linkname!r}"
+    return "a FIFO" if member.isfifo() else "a device"
 
 
 def _read_member(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
@@ -869,13 +896,11 @@ def _read_parquet(unit: Unit) -> Iterator[dict]:
 
 
 def _resolve(value: str, manifest_uri: str) -> str:
-    """A manifest's relative paths are relative to the manifest's folder; URLs and /paths are kept."""
+    """A manifest's relative paths are relative to the manifest's folder; URLs and /paths are kept.
+    Dot segments are left to `locate`, which cannot climb above a URL's host or bucket."""
     if _SCHEME.match(value) or value.startswith("/"):
         return value
-    scheme_match = _SCHEME.match(manifest_uri)
-    scheme = scheme_match.group(0) if scheme_match else ""
-    folder = posixpath.dirname(manifest_uri[len(scheme) :])
-    return scheme + posixpath.normpath(posixpath.join(folder, value))
+    return posixpath.join(posixpath.dirname(manifest_uri), value)
 
 
 def _manifest_rows(unit: Unit) -> Iterator[tuple[int, dict | None, str | None]]:
@@ -917,6 +942,7 @@ def _manifest_rows(unit: Unit) -> Iterator[tuple[int, dict | None, str | None]]:
 def _read_manifest(unit: Unit) -> Iterator[dict]:
     name = stable_path_id(unit.uri, unit.root)
     allowed = unit.allowed or (uri_root(unit.uri),)
+    prefixes = tuple(locate(prefix) for prefix in allowed)
     row = -1
     try:
         for row, item, problem in _manifest_rows(unit):
@@ -942,14 +968,19 @@ def _read_manifest(unit: Unit) -> Iterator[dict]:
             # Without an id, the id is the uri as written: it stays the same when the manifest and
             # its images move together.
             uri, image_id = _resolve(written, unit.uri), given_id or written
-            if uri_allowed(uri, allowed):
-                yield _read_image_record(image_id, uri, caption=caption)
+            try:
+                location = locate(uri)  # normalised once: the check and the read see the same location
+            except UriError as error:
+                yield record(image_id, source=uri, caption=caption, error=str(error))
+                continue
+            if allows(prefixes, location):
+                yield _read_image_record(image_id, location, caption=caption, prefixes=prefixes)
             else:
                 problem = (
-                    f"manifest {unit.uri} points outside where it may ({', '.join(allowed)}): {uri}; "
+                    f"manifest {unit.uri} points outside where it may ({', '.join(allowed)}): {location.uri}; "
                     "allow it with --allow-uri-prefix"
                 )
-                yield record(image_id, source=uri, caption=caption, error=problem)
+                yield record(image_id, source=location.uri, caption=caption, error=problem)
     except MemoryError:
         raise
     except Exception as error:  # noqa: BLE001 - a damaged manifest: keep the rows read so far

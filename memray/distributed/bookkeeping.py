@@ -8,17 +8,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import posixpath
 import socket
 import threading
 import time
 
 import fsspec
 
-from memray.catalog.files import open_fs, put_atomic, write_bytes
+from memray.catalog.files import is_local, open_fs, put_atomic, write_bytes
 from memray.errors import CatalogLeaseError
 
 log = logging.getLogger(__name__)
+
+# A lease whose holder has not beaten for this long is stale. Clocks of different hosts differ, so a
+# beat this far in the future (the holder's clock ahead of this one by more) is taken as stale too.
+STALE_SECONDS = 120.0
 
 
 class CrashJournal:
@@ -34,7 +40,7 @@ class CrashJournal:
 
     def __init__(self, catalog_url, model_fingerprint: str, config_hash: str, run_id: str):
         self.fs, root = open_fs(catalog_url)
-        self.folder = f"{root}/_inflight/{model_fingerprint[:16]}-{config_hash}"
+        self.folder = f"{root}/_inflight/{model_fingerprint[:16]}-{config_hash}"  # named as its lease is
         self.run_id = run_id
 
     def _path(self, key: tuple[str, str | None]) -> str:
@@ -60,16 +66,62 @@ class CrashJournal:
         except FileNotFoundError:
             pass
 
+    def clear(self) -> None:
+        """Forget the markers of earlier runs (they count no death): only the holder of the lease may."""
+        _remove_folder(self.fs, self.folder)
+
+
+def _remove_folder(fs, folder: str) -> bool:
+    """Remove a folder and everything in it; False when there was none."""
+    try:
+        fs.rm(folder, recursive=True)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _parse_lease(raw: bytes) -> dict | None:
+    """The lease a holder wrote, or None for a torn or forged one (not JSON, a field missing or of the
+    wrong type): such a lease names no holder."""
+    try:
+        holder = json.loads(raw)
+    except ValueError:
+        return None
+    fields = {"run_id": str, "host": str, "pid": int, "beat": (int, float)}
+    if not isinstance(holder, dict) or not all(
+        isinstance(holder.get(name), kind) and not isinstance(holder.get(name), bool) for name, kind in fields.items()
+    ):
+        return None
+    return holder if math.isfinite(holder["beat"]) else None
+
+
+def _holder_alive(holder: dict, stale_seconds: float) -> bool:
+    """Whether the holder of a lease may still be running: it beat within `stale_seconds` (and not more
+    than that in the future), and, on this host, its process exists."""
+    if not -stale_seconds < time.time() - holder["beat"] < stale_seconds:
+        return False
+    if holder["host"] == socket.gethostname():
+        try:
+            os.kill(holder["pid"], 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # another user's live process
+            return True
+    return True
+
 
 class RunLease:
     """One audit at a time per catalog, model fingerprint and config: a heartbeat file under `_runs/`.
 
     A second run refuses to start while the lease's heartbeat is fresh, with a message naming the
-    holder; a lease whose holder stopped beating for `stale_seconds`, or whose holder process on
-    this very host is gone (a killed driver), is taken over.
+    holder; a lease whose holder stopped beating for `stale_seconds` (or whose beat lies more than
+    that in the future: clock skew is bounded), whose holder process on this very host is gone (a
+    killed driver), or that is torn (not a lease at all), is taken over with a warning.
     """
 
-    def __init__(self, catalog_url, model_fingerprint: str, config_hash: str, run_id: str, *, stale_seconds=120.0):
+    def __init__(
+        self, catalog_url, model_fingerprint: str, config_hash: str, run_id: str, *, stale_seconds=STALE_SECONDS
+    ):
         self.fs, root = open_fs(catalog_url)
         self.path = f"{root}/_runs/lease-{model_fingerprint[:16]}-{config_hash}.json"
         self.run_id, self.stale_seconds = run_id, stale_seconds
@@ -78,34 +130,36 @@ class RunLease:
 
     def _holder(self) -> dict | None:
         try:
-            return json.loads(self.fs.cat_file(self.path))
+            raw = self.fs.cat_file(self.path)
         except FileNotFoundError:
             return None
+        holder = _parse_lease(raw)
+        if holder is None:
+            log.warning("the catalog lease %s is torn or not a lease (%r): taking it over", self.path, raw[:80])
+        return holder
 
     def _beat(self) -> None:
         payload = {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(), "beat": time.time()}
         put_atomic(self.fs, self.path, json.dumps(payload).encode())
 
-    def _alive(self, holder: dict) -> bool:
-        if time.time() - holder["beat"] >= self.stale_seconds:
-            return False
-        if holder["host"] == socket.gethostname():
-            try:
-                os.kill(holder["pid"], 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:  # another user's live process
-                return True
-        return True
-
     def acquire(self) -> None:
         """Take the lease or raise CatalogLeaseError; then keep it beating until release()."""
         holder = self._holder()
-        if holder and holder["run_id"] != self.run_id and self._alive(holder):
+        if holder and holder["run_id"] != self.run_id and _holder_alive(holder, self.stale_seconds):
             raise CatalogLeaseError(
                 f"another audit of this model and config is writing to this catalog (run {holder['run_id']} on "
                 f"{holder['host']}, pid {holder['pid']}, last seen {time.time() - holder['beat']:.0f} s ago); "
                 f"wait for it, or for {self.stale_seconds:.0f} s after it died"
+            )
+        if holder and time.time() - holder["beat"] <= -self.stale_seconds:
+            log.warning(
+                "the catalog lease %s beats %.0f s in the future (run %s on %s): clocks differ by more than %.0f s; "
+                "taking it over as stale",
+                self.path,
+                holder["beat"] - time.time(),
+                holder["run_id"],
+                holder["host"],
+                self.stale_seconds,
             )
         self._beat()
         time.sleep(0.2)  # two runs that started together: the last writer holds it, the other sees that
@@ -149,35 +203,75 @@ class RunLedger:
     def _path(self, unit_uri: str) -> str:
         return f"{self.folder}/{hashlib.sha256(unit_uri.encode()).hexdigest()[:32]}.json"
 
-    def record(self, unit_uri: str, keys: list[tuple[str, str | None]]) -> None:
-        """The unit was read to its end, yielding `keys`."""
-        write_bytes(self._path(unit_uri), json.dumps({"unit": unit_uri, "keys": keys}).encode())
+    def record(self, unit_uri: str, keys: list[tuple[str, str | None]], skipped: list[tuple[str, str | None]]) -> None:
+        """The unit was read to its end, yielding `keys`; resume skipped the images `skipped`."""
+        write_bytes(self._path(unit_uri), json.dumps({"unit": unit_uri, "keys": keys, "skipped": skipped}).encode())
 
-    def _keys(self, unit_uri: str) -> set[tuple[str, str | None]] | None:
+    def _read(self, unit_uri: str) -> dict | None:
         try:
             with fsspec.open(self._path(unit_uri), "rb") as handle:
-                return {tuple(key) for key in json.loads(handle.read())["keys"]}
+                return json.loads(handle.read())
         except FileNotFoundError:
             return None
 
-    def keys(self, unit_uris: list[str]) -> set[tuple[str, str | None]]:
-        """Every image the units held, audited in this run or skipped by resume (units read to their end)."""
-        return set().union(*(self._keys(uri) or set() for uri in unit_uris))
-
-    def unfinished(self, unit_uris: list[str], finished: set[tuple[str, str | None]]) -> list[str]:
-        """Images read but without a row (written now or before), and units never read to their end
-        (as `unit: <uri>`)."""
-        missing = []
+    def outcome(self, unit_uris: list[str], written: set[tuple[str, str | None]]) -> tuple[list[str], int]:
+        """(images read but without a row, and units never read to their end as `unit: <uri>`; how many
+        images of these units resume skipped)."""
+        missing, skipped = [], set()
         for uri in unit_uris:
-            keys = self._keys(uri)
-            if keys is None:
+            read = self._read(uri)
+            if read is None:
                 missing.append(f"unit: {uri}")
                 continue
-            missing += sorted(image_id for image_id, sha in keys - finished)
-        return missing
+            missing += sorted(image_id for image_id, sha in {tuple(key) for key in read["keys"]} - written)
+            skipped.update(tuple(key) for key in read["skipped"])
+        return missing, len(skipped)
+
+    def population(self, unit_uris: list[str]) -> set[tuple[str, str | None]]:
+        """Every image the units held, audited in this run or skipped by resume (units read to their end)."""
+        found = set()
+        for uri in unit_uris:
+            read = self._read(uri) or {"keys": [], "skipped": []}
+            found.update(tuple(key) for key in read["keys"] + read["skipped"])
+        return found
 
     def remove(self) -> None:
-        """Forget the run's bookkeeping (after its outcome has been judged)."""
+        """Forget the run's bookkeeping (after its outcome has been judged, or once it was interrupted)."""
         fs, folder = open_fs(self.folder)
-        if fs.exists(folder):
-            fs.rm(folder, recursive=True)
+        _remove_folder(fs, folder)
+
+
+def sweep_finished_runs(catalog_url, *, journals: bool = True, stale_seconds: float = STALE_SECONDS) -> list[str]:
+    """Remove the bookkeeping of runs that are over, which a killed driver (SIGKILL, a lost machine)
+    leaves behind: `_runs/<run_id>/` ledgers that no live lease holds, and with `journals` the crash
+    journals (`_inflight/<model>-<config>/`) whose lease is not held by a live run. Returns what it removed.
+
+    Folders are listed before leases are read: a run that starts meanwhile takes its lease before it
+    writes a ledger, so its ledger is never among those listed. A journal is shared by the runs of one
+    model and config: one taking the lease in the instant between the reading and the removal loses
+    its first markers (at most one death goes uncounted), so an audit sweeps only ledgers.
+    """
+    fs, root = open_fs(catalog_url)
+    if not is_local(fs):
+        fs.invalidate_cache(root)
+    ledgers = _folders(fs, f"{root}/_runs")
+    inflight = _folders(fs, f"{root}/_inflight") if journals else []
+    live_runs, live_journals = set(), set()
+    for path in fs.glob(f"{root}/_runs/lease-*.json"):
+        try:
+            holder = _parse_lease(fs.cat_file(path))
+        except FileNotFoundError:  # released meanwhile
+            continue
+        if holder is not None and _holder_alive(holder, stale_seconds):
+            live_runs.add(holder["run_id"])  # lease-<model>-<config>.json holds _inflight/<model>-<config>/
+            live_journals.add(posixpath.basename(path).removeprefix("lease-").removesuffix(".json"))
+    stale = [f for f in ledgers if posixpath.basename(f) not in live_runs]
+    stale += [f for f in inflight if posixpath.basename(f) not in live_journals]
+    return [folder for folder in stale if _remove_folder(fs, folder)]
+
+
+def _folders(fs, parent: str) -> list[str]:
+    try:
+        return sorted(entry["name"].rstrip("/") for entry in fs.ls(parent, detail=True) if entry["type"] == "directory")
+    except FileNotFoundError:
+        return []

@@ -20,7 +20,9 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -40,7 +42,9 @@ from memray.data.images import sha256_hex
 from memray.data.locate import read_located
 from memray.data.records import ImageInput
 from memray.data.sources import Unit, count_images, list_units, read_unit
-from memray.distributed.bookkeeping import CrashJournal, RunLease, RunLedger
+from memray.data.uris import normal_prefix
+from memray.distributed.bookkeeping import CrashJournal, RunLease, RunLedger, sweep_finished_runs
+from memray.errors import Terminated
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +84,8 @@ class PipelineOptions:
             problems.append(f"gpus_per_actor must be >= 0, got {self.gpus_per_actor}")
         if problems:
             raise PipelineError("; ".join(problems))
+        # In normal form, or refused now (UriError, one line): before any file or Ray work.
+        object.__setattr__(self, "allow_uri_prefixes", tuple(map(normal_prefix, self.allow_uri_prefixes)))
 
 
 class PipelineError(ConfigError):
@@ -141,23 +147,58 @@ def _unit_row(unit: Unit) -> dict:
     return {"kind": unit.kind, "uri": unit.uri, "root": unit.root, "allowed": list(unit.allowed), "located": ""}
 
 
-def _read_records(unit_row: dict, *, skip: frozenset, ledger: RunLedger) -> Iterator[dict]:
-    """The records of one unit, minus images that resume skips (their bytes never leave the task).
+def _unit(unit_row: dict) -> Unit:
+    return Unit(kind=unit_row["kind"], uri=unit_row["uri"], root=unit_row["root"], allowed=tuple(unit_row["allowed"]))
 
-    The ledger keeps every image of the unit, skipped ones too: the run's population.
-    """
-    allowed = tuple(unit_row["allowed"])
-    if unit_row["kind"] == "located":
+
+def _read_records(unit_row: dict, *, skip: frozenset, ledger: RunLedger) -> Iterator[dict]:
+    """The records of one unit, minus images that resume skips (their bytes never leave the task) and
+    images the unit lists again (the same id and bytes twice in a manifest: one image, one row). A
+    `located` unit holds images to read again from their screen rows (memray.data.locate)."""
+    if unit_row["located"]:
+        allowed = tuple(unit_row["allowed"])
         records = (read_located(located, allowed) for located in json.loads(unit_row["located"]))
     else:
-        records = read_unit(Unit(kind=unit_row["kind"], uri=unit_row["uri"], root=unit_row["root"], allowed=allowed))
-    keys = []
+        records = read_unit(_unit(unit_row))
+    keys, skipped = {}, {}
     for record in records:
         key = _key(record)
-        keys.append(key)
-        if key not in skip:
+        if key in skip:
+            skipped[key] = None
+        elif key not in keys:
+            keys[key] = None
             yield record
-    ledger.record(unit_row["uri"], keys)
+    ledger.record(unit_row["uri"], list(keys), list(skipped))
+
+
+def _first_rows(table: pa.Table, written: set[tuple[str, str | None]]) -> pa.Table:
+    """The rows of images without a row in this run yet, which joins `written`: an image read from two
+    units (two manifests listing it, a source named twice) is audited twice but written once."""
+    keep = []
+    for key in zip(table.column("image_id").to_pylist(), table.column("image_sha256").to_pylist()):
+        keep.append(key not in written)
+        written.add(key)
+    return table if all(keep) else table.filter(pa.array(keep))
+
+
+@contextlib.contextmanager
+def _sigterm_stops_like_ctrl_c():
+    """While the run is on, SIGTERM (`kill`, `ray job stop`, a pod evicted) raises Terminated, which stops
+    it as Ctrl-C does: the rows received are written, Ray (and so the actors) shut down, the lease and
+    the run's bookkeeping released. Ray's own handler would abort the driver and leave all of that."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        # Ray's handler was installed from C (getsignal gives None): the default takes its place.
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 class ProgressLog:
@@ -457,7 +498,8 @@ def _ray_session(options: PipelineOptions):
         for name in ("ray", "ray.data"):  # ray.data's logger does not propagate to ray's
             logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        yield
+        with _sigterm_stops_like_ctrl_c():  # after ray.init, which installs its own handler
+            yield
     finally:
         if started:
             ray.shutdown()
@@ -485,17 +527,23 @@ def _run_stage(
     run_id = uuid.uuid4().hex[:12]
     lease = RunLease(catalog_url, fingerprint, config.hash(), run_id)
     lease.acquire()  # a second audit of the same model and config into this catalog refuses here
+    journal = CrashJournal(catalog_url, fingerprint, config.hash(), run_id)
+    ledger = RunLedger(catalog_url, run_id)
     try:
+        journal.clear()  # the lease is ours: earlier runs' markers go (they count no death anyway)
+        swept = sweep_finished_runs(catalog_url, journals=False)
+        if swept:
+            log.info("removed the bookkeeping of %d runs that were killed: %s", len(swept), ", ".join(swept))
         done = Catalog(catalog_url).completed_keys(fingerprint, config.hash(), include_errors=not options.retry_errors)
         counts = [len(json.loads(u["located"])) if u["located"] else count_images(_unit(u)) for u in units]
-        total = None if None in counts else max(0, sum(counts) - len(done))
-        log.info("run %s: %d units, %s images to audit, %d already audited", run_id, len(units), total, len(done))
+        # Which images of the input resume skips is known only once they are read (the key holds the
+        # bytes' hash): with anything audited already, the total to audit is not known beforehand.
+        total = None if None in counts or done else sum(counts)
+        log.info("run %s: %d units, %s images to audit, %d audited before", run_id, len(units), total, len(done))
         gpus = options.gpus_per_actor
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
         _check_resources(ray, options, gpus)
-        journal = CrashJournal(catalog_url, fingerprint, config.hash(), run_id)
-        ledger = RunLedger(catalog_url, run_id)
         ray.data.DataContext.get_current().max_errored_blocks = options.max_failed_batches
         dataset = ray.data.from_items(units)
         dataset = dataset.flat_map(functools.partial(_read_records, skip=frozenset(done), ledger=ledger))
@@ -518,17 +566,17 @@ def _run_stage(
         written: set[tuple[str, str | None]] = set()
         try:
             for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                table = _first_rows(table, written)
                 writer.add_table(table)  # rows stay Arrow from the actor to the file
-                written.update(zip(table.column("image_id").to_pylist(), table.column("image_sha256").to_pylist()))
                 progress.update(table)
         finally:
             writer.close()
         progress.print(final=True)
         unit_uris = [u["uri"] for u in units]
-        population = ledger.keys(unit_uris)
-        unfinished = ledger.unfinished(unit_uris, written | done)
-        ledger.remove()
+        unfinished, skipped = ledger.outcome(unit_uris, written)
+        population = ledger.population(unit_uris)
     finally:
+        ledger.remove()  # judged, or interrupted: no later run reads it
         lease.release()
     if unfinished:
         log.warning("%d images have no row yet (their batch failed); rerun to audit them", len(unfinished))
@@ -537,13 +585,9 @@ def _run_stage(
         model=model_slug(model_ref, fingerprint),
         rows=progress.done,
         errors=progress.errors,
-        skipped=len(population & done),
+        skipped=skipped,
         unfinished=unfinished,
         files=list(writer.files),
         seconds=time.monotonic() - started,
     )
     return summary, population
-
-
-def _unit(unit_row: dict) -> Unit:
-    return Unit(kind=unit_row["kind"], uri=unit_row["uri"], root=unit_row["root"], allowed=tuple(unit_row["allowed"]))
