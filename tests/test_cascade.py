@@ -15,7 +15,7 @@ from memray.catalog.cascade import cascade_summary
 from memray.catalog.reader import Catalog
 from memray.cli import main
 from memray.data.images import sha256_hex
-from memray.data.locate import read_located
+from memray.data.readers.located import read_located
 from memray.evaluation.laion import write_laion_set
 
 pytest_plugins = ["s3server"]

@@ -245,20 +245,28 @@ def test_a_pipe_in_a_source_folder_is_an_error_row_and_never_waited_on(tmp_path)
     folder = tmp_path / "images"
     folder.mkdir()
     (folder / "a.png").write_bytes(PUBLIC)
-    for name in ("pipe.png", "pipe.tar"):
+    pipes = ("pipe.png", "pipe.tar", "pipe.csv")
+    for name in pipes:
         os.mkfifo(folder / name)
-    listed = {}
-    reader = threading.Thread(target=lambda: listed.update(_records(str(folder))), daemon=True)
+    listed, globbed = {}, {}
+
+    def read_both():
+        listed.update(_records(str(folder)))  # a manifest inside a folder is no unit: pipe.csv is never opened
+        globbed.update(_records(str(folder / "*")))  # named by the glob: a manifest would be opened to look at it
+
+    reader = threading.Thread(target=read_both, daemon=True)
     reader.start()
     reader.join(timeout=30)
     if reader.is_alive():  # blocked opening a pipe: release it, then fail
-        for name in ("pipe.png", "pipe.tar"):
+        for name in pipes:
             with contextlib.suppress(OSError):
                 os.close(os.open(folder / name, os.O_WRONLY | os.O_NONBLOCK))
         pytest.fail("listing or reading the folder waited on a pipe")
     assert sorted(listed) == ["a.png", "pipe.png", "pipe.tar"]
-    for name in ("pipe.png", "pipe.tar"):
-        assert _refused(listed[name]) and "not a regular file (a pipe)" in listed[name]["error"]
+    assert sorted(globbed) == ["a.png", "pipe.csv", "pipe.png", "pipe.tar"]
+    for name in pipes:
+        record = globbed[name]
+        assert _refused(record) and "not a regular file (a pipe)" in record["error"]
     with pytest.raises(SourceError, match="not a regular file"):
         list_units(str(folder / "pipe.tar"))  # named on its own: refused before any work
 

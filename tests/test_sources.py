@@ -10,6 +10,7 @@ import ast
 import csv
 import dataclasses
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -25,6 +26,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+import memray.data.readers as readers
+import memray.data.readers.shards as shards
 import memray.data.sources as sources
 from memray.data.records import ImageInput
 from memray.data.sources import (
@@ -185,8 +188,8 @@ def test_tar_sibling_parquet_is_read_once_per_shard(tmp_path, monkeypatch):
     (tmp_path / "00000.tar").write_bytes(_tar_bytes(members))
     (tmp_path / "00000.parquet").write_bytes(_parquet_bytes(table))
     loads = []
-    original = sources._SiblingCaptions._load
-    monkeypatch.setattr(sources._SiblingCaptions, "_load", lambda self: loads.append(1) or original(self))
+    original = shards._SiblingCaptions._load
+    monkeypatch.setattr(shards._SiblingCaptions, "_load", lambda self: loads.append(1) or original(self))
     records = list(read_unit(Unit("tar", str(tmp_path / "00000.tar"))))
     assert len(records) == 5 and loads == [1]
 
@@ -704,19 +707,85 @@ def test_gzip_csv_is_not_mistaken_for_a_manifest(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# The readers and their registry
+# ----------------------------------------------------------------------------------------------
+
+
+def test_each_format_has_one_reader_found_by_its_units_kind(tmp_path, shard_folder):
+    folder, _ = shard_folder
+    table, _ = _image_parquet()
+    (tmp_path / "img.parquet").write_bytes(_parquet_bytes(table))
+    (tmp_path / "list.parquet").write_bytes(_parquet_bytes(pa.table({"uri": ["a.jpg"]})))
+    (tmp_path / "list.csv").write_text("uri\na.jpg\n")
+    (tmp_path / "a.jpg").write_bytes(_image_bytes(1))
+    kinds = {name: list_units(str(tmp_path / name))[0].kind for name in ("img.parquet", "list.parquet", "list.csv")}
+    kinds["a.jpg"], kinds["00000.tar"] = list_units(str(tmp_path / "a.jpg"))[0].kind, list_units(str(folder))[0].kind
+    assert kinds == {"img.parquet": "parquet", "list.parquet": "manifest", "list.csv": "manifest", "a.jpg": "image",
+                     "00000.tar": "tar"}  # fmt: skip
+    for kind in set(kinds.values()) | {"located"}:
+        assert readers.READERS[kind].kind == kind
+    # an extension two formats share is told apart by content, in the registry's order
+    assert [r.kind for r in readers.READERS.values() if r.owns("x.PARQUET")] == ["parquet", "manifest"]
+    assert not readers.READERS["located"].owns("x.tar")  # located images come from catalog rows, never a listing
+
+
+def test_a_file_of_no_format_is_refused_with_every_format_named(tmp_path):
+    (tmp_path / "model.pkl").write_bytes(b"x")
+    with pytest.raises(SourceError) as refused:
+        list_units(str(tmp_path / "model.pkl"))
+    for reader in readers.READERS.values():
+        for extension in reader.extensions:
+            assert extension in str(refused.value)
+    (tmp_path / "neither.parquet").write_bytes(_parquet_bytes(pa.table({"name": ["x"]})))
+    with pytest.raises(SourceError, match="no image bytes column .*; not a manifest: no uri column"):
+        list_units(str(tmp_path / "neither.parquet"))
+
+
+def test_a_manifest_matched_by_a_pattern_names_its_rows_relative_to_the_patterns_root(tmp_path):
+    for part in ("a", "b"):
+        (tmp_path / part).mkdir()
+        (tmp_path / part / "list.csv").write_text('uri,caption\n"",no uri\n')
+    units = list_units(str(tmp_path / "*" / "list.csv"))
+    assert [u.root for u in units] == [str(tmp_path)] * 2
+    # two manifests of one name in two folders: their rows' ids differ, as two image files' do
+    assert [r["image_id"] for r in _all(units)] == ["a/list.csv#row0", "b/list.csv#row0"]
+
+
+def test_located_units_hold_their_rows_and_read_each_image_again(tmp_path):
+    data = [_image_bytes(i) for i in range(3)]
+    for i, image in enumerate(data):
+        (tmp_path / f"{i}.jpg").write_bytes(image)
+    rows = [
+        {"image_id": f"img{i}", "image_sha256": hashlib.sha256(image).hexdigest(), "source": str(tmp_path / f"{i}.jpg")}
+        for i, image in enumerate(data)
+    ]
+    rows[2]["image_sha256"] = "0" * 64  # changed since the screen
+    units = readers.READERS["located"].units(rows, (str(tmp_path),), chunk=2)
+    assert [(u.kind, u.uri, count_images(u)) for u in units] == [("located", "located:000000", 2),
+                                                                  ("located", "located:000001", 1)]  # fmt: skip
+    records = _all(units)
+    assert [(r["image_id"], r["data"]) for r in records[:2]] == [("img0", data[0]), ("img1", data[1])]
+    assert records[2]["data"] is None and "changed since the screen" in records[2]["error"]
+    outside = readers.READERS["located"].units(rows[:1], (str(tmp_path / "elsewhere"),))
+    assert "outside the sources" in _all(outside)[0]["error"]
+
+
+# ----------------------------------------------------------------------------------------------
 # Module rules
 # ----------------------------------------------------------------------------------------------
 
 
-def test_sources_module_imports_neither_ray_nor_pickle():
-    tree = ast.parse(Path(sources.__file__).read_text())
-    imported = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            imported.add(node.module.split(".")[0])
-    assert not imported & {"ray", "pickle", "torch", "PIL", "numpy", "dill", "cloudpickle", "joblib"}
+def test_sources_and_readers_import_neither_ray_nor_pickle():
+    modules = [Path(sources.__file__), *Path(readers.__file__).parent.glob("*.py")]
+    assert len(modules) >= 8  # sources, the registry, base and one module per format
+    for module in modules:
+        imported = set()
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module.split(".")[0])
+        assert not imported & {"ray", "pickle", "torch", "PIL", "numpy", "dill", "cloudpickle", "joblib"}, module
 
 
 def test_unknown_unit_kind():

@@ -1,6 +1,6 @@
 """The record of one image to audit: what every source yields and what the auditor takes.
 
-Sources (sources.py) yield it as a plain dict of these fields (Ray Data carries dicts), the
+The readers (memray.data.readers) yield it as a plain dict of these fields (Ray Data carries dicts), the
 auditor rebuilds it with `ImageInput(**record)`: one definition for both ends.
 """
 

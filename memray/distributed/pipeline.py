@@ -9,7 +9,7 @@ same model fingerprint and config hash.
 
 A cascade (run_cascade) is two such stages: the screens on every image, then, once every image is
 screened, the selection (memray.cascade.selection) and the full chain on the selected images, each
-read again by one ranged read from where the screen found it (memray.data.locate).
+read again by one ranged read from where the screen found it (memray.data.readers.located).
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ from memray.catalog.schema import AuditRow, rows_to_table
 from memray.catalog.writer import CatalogWriter, check_writable
 from memray.config import AuditConfig, ConfigError, from_dict
 from memray.data.images import sha256_hex
-from memray.data.locate import read_located
+from memray.data.readers import reader_of
+from memray.data.readers.located import Located
 from memray.data.records import ImageInput
 from memray.data.sources import Unit, count_images, list_units, read_unit
 from memray.data.uris import normal_prefix
@@ -144,24 +145,14 @@ def _key(record) -> tuple[str, str | None]:
 
 def _unit_row(unit: Unit) -> dict:
     """A unit of reading work as a Ray Data row."""
-    return {"kind": unit.kind, "uri": unit.uri, "root": unit.root, "allowed": list(unit.allowed), "located": ""}
-
-
-def _unit(unit_row: dict) -> Unit:
-    return Unit(kind=unit_row["kind"], uri=unit_row["uri"], root=unit_row["root"], allowed=tuple(unit_row["allowed"]))
+    return {**dataclasses.asdict(unit), "allowed": list(unit.allowed)}
 
 
 def _read_records(unit_row: dict, *, skip: frozenset, ledger: RunLedger) -> Iterator[dict]:
     """The records of one unit, minus images that resume skips (their bytes never leave the task) and
-    images the unit lists again (the same id and bytes twice in a manifest: one image, one row). A
-    `located` unit holds images to read again from their screen rows (memray.data.locate)."""
-    if unit_row["located"]:
-        allowed = tuple(unit_row["allowed"])
-        records = (read_located(located, allowed) for located in json.loads(unit_row["located"]))
-    else:
-        records = read_unit(_unit(unit_row))
+    images the unit lists again (the same id and bytes twice in a manifest: one image, one row)."""
     keys, skipped = {}, {}
-    for record in records:
+    for record in read_unit(Unit(**{**unit_row, "allowed": tuple(unit_row["allowed"])})):
         key = _key(record)
         if key in skip:
             skipped[key] = None
@@ -297,7 +288,7 @@ def run_audit(
     _, fingerprint = preflight(model_ref, catalog_url, config, options)
     units = _list_sources(sources, options)
     with _ray_session(options):
-        summary, _ = _run_stage([_unit_row(u) for u in units], model_ref, fingerprint, catalog_url, config, options)
+        summary, _ = _run_stage(units, model_ref, fingerprint, catalog_url, config, options)
     return summary
 
 
@@ -348,7 +339,7 @@ def run_cascade(
     slug = model_slug(model_ref, fingerprint)
     with _ray_session(options):
         screened, population = _run_stage(
-            [_unit_row(u) for u in units], model_ref, fingerprint, catalog_url, screen_config, options, stage="screen"
+            units, model_ref, fingerprint, catalog_url, screen_config, options, stage="screen"
         )
         rows = screened_rows(Catalog(catalog_url), fingerprint, screen_config.hash(), population)
         selection = select([_screened(row) for row in rows], cascade, config.seed)
@@ -389,16 +380,7 @@ def confirm_located(
 ) -> AuditSummary:
     """Stage 2: the full chain on images located by their screen rows (read again in one ranged read
     each, inside `allowed`), in the order given; Ray must be running (_ray_session)."""
-    units = [
-        {
-            "kind": "located",
-            "uri": f"located:{start // chunk:06d}",
-            "root": None,
-            "allowed": list(allowed),
-            "located": json.dumps(located[start : start + chunk]),
-        }
-        for start in range(0, len(located), chunk)
-    ]
+    units = Located().units(located, allowed, chunk=chunk)
     summary, _ = _run_stage(units, model_ref, fingerprint, catalog_url, config, options, stage="confirm")
     return summary
 
@@ -473,7 +455,7 @@ def _located_prefixes(units: list[Unit], options: PipelineOptions) -> tuple[str,
     and what a manifest may point into)."""
     allowed = set(options.allow_uri_prefixes)
     for unit in units:
-        allowed.update(unit.allowed if unit.kind == "manifest" else (unit.root or unit.uri,))
+        allowed.update(reader_of(unit).prefixes(unit))
     return tuple(sorted(allowed))
 
 
@@ -509,7 +491,7 @@ _VERBS = {"full": "audited", "screen": "screened", "confirm": "confirmed"}
 
 
 def _run_stage(
-    units: list[dict],
+    units: list[Unit],
     model_ref: str,
     fingerprint: str,
     catalog_url: str,
@@ -535,7 +517,7 @@ def _run_stage(
         if swept:
             log.info("removed the bookkeeping of %d runs that were killed: %s", len(swept), ", ".join(swept))
         done = Catalog(catalog_url).completed_keys(fingerprint, config.hash(), include_errors=not options.retry_errors)
-        counts = [len(json.loads(u["located"])) if u["located"] else count_images(_unit(u)) for u in units]
+        counts = [count_images(unit) for unit in units]
         # Which images of the input resume skips is known only once they are read (the key holds the
         # bytes' hash): with anything audited already, the total to audit is not known beforehand.
         total = None if None in counts or done else sum(counts)
@@ -545,7 +527,7 @@ def _run_stage(
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
         _check_resources(ray, options, gpus)
         ray.data.DataContext.get_current().max_errored_blocks = options.max_failed_batches
-        dataset = ray.data.from_items(units)
+        dataset = ray.data.from_items([_unit_row(unit) for unit in units])
         dataset = dataset.flat_map(functools.partial(_read_records, skip=frozenset(done), ledger=ledger))
         # One block per actor call: rows stream out as each call finishes (not when a whole shard has),
         # and a call that fails past its retries loses only itself.
@@ -572,7 +554,7 @@ def _run_stage(
         finally:
             writer.close()
         progress.print(final=True)
-        unit_uris = [u["uri"] for u in units]
+        unit_uris = [unit.uri for unit in units]
         unfinished, skipped = ledger.outcome(unit_uris, written)
         population = ledger.population(unit_uris)
     finally:

@@ -1,30 +1,61 @@
-"""Read an image again from where a catalog row says it was read, without re-reading its shard.
+"""Images read again from where their catalog rows say they were read (a cascade's stage 2), without
+re-reading their shard. No source lists these: stage 2 makes its units from the rows (`Located.units`).
 
 A row's `source` names the file, or `{container}#{key}` for a member of a shard or an image parquet;
 for a member of an uncompressed tar, `source_offset` and `source_length` say where its bytes sit,
 so one ranged read (a single GET on object storage) brings them back. Other members are found by
 reading their container again. The bytes must hash to the row's `image_sha256`, or the record is
 an error: the image changed since it was screened. Reads stay inside the prefixes the run was
-allowed to read (its sources), like every other read of untrusted locations.
+allowed to read (its sources), like every other read of untrusted locations. The id is the row's.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
+
 import fsspec
 
 from memray.data.images import MAX_IMAGE_BYTES, ImageDecodeError, read_bytes, sha256_hex
+from memray.data.readers.base import Reader, Unit
+from memray.data.readers.parquets import ImageParquets
+from memray.data.readers.shards import WebdatasetShards
 from memray.data.records import record
-from memray.data.sources import Unit, read_unit
 from memray.data.uris import Location, UriError, allows, locate
 
 
-def _container_kind(container: str) -> str:
-    return "parquet" if container.lower().endswith(".parquet") else "tar"
+class Located(Reader):
+    """A chunk of images located by their catalog rows (kept as JSON in the unit)."""
+
+    kind = "located"
+
+    def units(self, rows: list[dict], allowed: tuple[str, ...], *, chunk: int = 64) -> list[Unit]:
+        """Units of `chunk` rows each, in the order given, to be read again inside `allowed`."""
+        return [
+            Unit(
+                self.kind,
+                f"located:{start // chunk:06d}",
+                allowed=tuple(allowed),
+                located=json.dumps(rows[start : start + chunk]),
+            )
+            for start in range(0, len(rows), chunk)
+        ]
+
+    def count(self, unit: Unit) -> int:
+        """One image per row."""
+        return len(json.loads(unit.located))
+
+    def read(self, unit: Unit) -> Iterator[dict]:
+        """Each row's image, read again from its place."""
+        for located in json.loads(unit.located):
+            yield read_located(located, unit.allowed)
 
 
 def _member_bytes(container: str, source: str) -> bytes:
     """The bytes of one member, found by reading its container again (compressed tars, parquet)."""
-    for found in read_unit(Unit(kind=_container_kind(container), uri=container)):
+    parquets = ImageParquets()
+    reader = parquets if parquets.owns(container) else WebdatasetShards()
+    for found in reader.read(Unit(reader.kind, container)):
         if found["source"] == source:
             if found["error"]:
                 raise ImageDecodeError(found["error"])
