@@ -2,8 +2,9 @@
 
 The only module that imports ray. Reading runs in Ray tasks, one per unit (an image file, a
 webdataset shard, an img2dataset parquet, a manifest, or a chunk of images located by their
-catalog rows); auditing runs in an actor pool whose actors each hold one loaded model; the
-driver streams result rows into the catalog as they arrive. A crash loses at most the rows still
+catalog rows: memray.data.readers); auditing runs in an actor pool whose actors each hold one
+loaded model; the driver streams result rows into the catalog's sink as they arrive
+(memray.distributed.sink: the lease, the ledger, the writer). A crash loses at most the rows still
 buffered, and a rerun finishes the work: resume skips every image that already has a row for the
 same model fingerprint and config hash.
 
@@ -36,7 +37,7 @@ from memray.cascade.selection import CascadeOptions, Screened, select
 from memray.catalog.cascade import CascadeSummary, cascade_summary, screened_rows, write_selection
 from memray.catalog.reader import Catalog
 from memray.catalog.schema import AuditRow, rows_to_table
-from memray.catalog.writer import CatalogWriter, check_writable
+from memray.catalog.writer import check_writable
 from memray.config import AuditConfig, ConfigError, from_dict
 from memray.data.images import sha256_hex
 from memray.data.readers import reader_of
@@ -44,7 +45,8 @@ from memray.data.readers.located import Located
 from memray.data.records import ImageInput
 from memray.data.sources import Unit, count_images, list_units, read_unit
 from memray.data.uris import normal_prefix
-from memray.distributed.bookkeeping import CrashJournal, RunLease, RunLedger, sweep_finished_runs
+from memray.distributed.bookkeeping import CrashJournal, RunLedger
+from memray.distributed.sink import CatalogSink, Key
 from memray.errors import Terminated
 
 log = logging.getLogger(__name__)
@@ -136,7 +138,7 @@ class Auditor:
         return [a.row for a in audits]
 
 
-def _key(record) -> tuple[str, str | None]:
+def _key(record) -> Key:
     """An image's identity for resume and the crash journal: its id and the hash of its bytes."""
     data = record["data"] if isinstance(record, dict) else record.data
     image_id = record["image_id"] if isinstance(record, dict) else record.image_id
@@ -160,16 +162,6 @@ def _read_records(unit_row: dict, *, skip: frozenset, ledger: RunLedger) -> Iter
             keys[key] = None
             yield record
     ledger.record(unit_row["uri"], list(keys), list(skipped))
-
-
-def _first_rows(table: pa.Table, written: set[tuple[str, str | None]]) -> pa.Table:
-    """The rows of images without a row in this run yet, which joins `written`: an image read from two
-    units (two manifests listing it, a source named twice) is audited twice but written once."""
-    keep = []
-    for key in zip(table.column("image_id").to_pylist(), table.column("image_sha256").to_pylist()):
-        keep.append(key not in written)
-        written.add(key)
-    return table if all(keep) else table.filter(pa.array(keep))
 
 
 @contextlib.contextmanager
@@ -499,77 +491,84 @@ def _run_stage(
     options: PipelineOptions,
     *,
     stage: str = "full",
-) -> tuple[AuditSummary, set[tuple[str, str | None]]]:
+) -> tuple[AuditSummary, set[Key]]:
     """One pass of Ray Data over `units` into the catalog; (its summary, every image key it held)."""
-    import ray
-
     from memray.models.loading import model_slug
 
     started = time.monotonic()
     run_id = uuid.uuid4().hex[:12]
-    lease = RunLease(catalog_url, fingerprint, config.hash(), run_id)
-    lease.acquire()  # a second audit of the same model and config into this catalog refuses here
-    journal = CrashJournal(catalog_url, fingerprint, config.hash(), run_id)
-    ledger = RunLedger(catalog_url, run_id)
+    sink = CatalogSink(
+        catalog_url,
+        fingerprint,
+        config.hash(),
+        run_id,
+        rows_per_file=options.rows_per_file,
+        flush_seconds=options.flush_seconds,
+        retry_errors=options.retry_errors,
+    )
+    done = sink.start()  # a second audit of the same model and config into this catalog refuses here
     try:
-        journal.clear()  # the lease is ours: earlier runs' markers go (they count no death anyway)
-        swept = sweep_finished_runs(catalog_url, journals=False)
-        if swept:
-            log.info("removed the bookkeeping of %d runs that were killed: %s", len(swept), ", ".join(swept))
-        done = Catalog(catalog_url).completed_keys(fingerprint, config.hash(), include_errors=not options.retry_errors)
         counts = [count_images(unit) for unit in units]
         # Which images of the input resume skips is known only once they are read (the key holds the
         # bytes' hash): with anything audited already, the total to audit is not known beforehand.
         total = None if None in counts or done else sum(counts)
         log.info("run %s: %d units, %s images to audit, %d audited before", run_id, len(units), total, len(done))
-        gpus = options.gpus_per_actor
-        if gpus is None:
-            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-        _check_resources(ray, options, gpus)
-        ray.data.DataContext.get_current().max_errored_blocks = options.max_failed_batches
-        dataset = ray.data.from_items([_unit_row(unit) for unit in units])
-        dataset = dataset.flat_map(functools.partial(_read_records, skip=frozenset(done), ledger=ledger))
-        # One block per actor call: rows stream out as each call finishes (not when a whole shard has),
-        # and a call that fails past its retries loses only itself.
-        slots = options.screen_batch_size if stage == "screen" else options.batch_size
-        call_size = slots * options.queue
-        dataset = dataset.repartition(target_num_rows_per_block=call_size)
-        dataset = dataset.map_batches(
-            Auditor,
-            fn_constructor_args=(model_ref, config.to_json(), run_id, options, journal, stage),
-            batch_size=call_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=options.actors),
-            num_gpus=gpus,
-            num_cpus=options.cpus_per_actor,
-        )
-        writer = CatalogWriter(catalog_url, target_rows=options.rows_per_file, max_seconds=options.flush_seconds)
+        rows = _audited_rows(units, done, sink, model_ref, config, options, run_id, stage)
         progress = ProgressLog(total, verb=_VERBS[stage])
-        written: set[tuple[str, str | None]] = set()
-        try:
-            for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-                table = _first_rows(table, written)
-                writer.add_table(table)  # rows stay Arrow from the actor to the file
-                progress.update(table)
-        finally:
-            writer.close()
-        progress.print(final=True)
-        unit_uris = [unit.uri for unit in units]
-        unfinished, skipped = ledger.outcome(unit_uris, written)
-        population = ledger.population(unit_uris)
-    finally:
-        ledger.remove()  # judged, or interrupted: no later run reads it
-        lease.release()
-    if unfinished:
-        log.warning("%d images have no row yet (their batch failed); rerun to audit them", len(unfinished))
+        for table in rows.iter_batches(batch_size=None, batch_format="pyarrow"):
+            progress.update(sink.write(table))
+    except BaseException:
+        sink.failed()  # the rows received are written; the lease and the ledger go
+        raise
+    outcome = sink.complete([unit.uri for unit in units])
+    progress.print(final=True)
+    if outcome.unfinished:
+        log.warning("%d images have no row yet (their batch failed); rerun to audit them", len(outcome.unfinished))
     summary = AuditSummary(
         run_id=run_id,
         model=model_slug(model_ref, fingerprint),
         rows=progress.done,
         errors=progress.errors,
-        skipped=skipped,
-        unfinished=unfinished,
-        files=list(writer.files),
+        skipped=outcome.skipped,
+        unfinished=outcome.unfinished,
+        files=outcome.files,
         seconds=time.monotonic() - started,
     )
-    return summary, population
+    return summary, outcome.population
+
+
+def _audited_rows(
+    units: list[Unit],
+    done: frozenset[Key],
+    sink: CatalogSink,
+    model_ref: str,
+    config: AuditConfig,
+    options: PipelineOptions,
+    run_id: str,
+    stage: str,
+):
+    """The Ray Data plan of a stage: read tasks (one per unit, recording to the sink's ledger), then an actor
+    pool auditing blocks of slots x queue images; its batches are the catalog rows, as they are audited."""
+    import ray
+
+    gpus = options.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    _check_resources(ray, options, gpus)
+    ray.data.DataContext.get_current().max_errored_blocks = options.max_failed_batches
+    dataset = ray.data.from_items([_unit_row(unit) for unit in units])
+    dataset = dataset.flat_map(functools.partial(_read_records, skip=done, ledger=sink.ledger))
+    # One block per actor call: rows stream out as each call finishes (not when a whole shard has),
+    # and a call that fails past its retries loses only itself.
+    slots = options.screen_batch_size if stage == "screen" else options.batch_size
+    call_size = slots * options.queue
+    dataset = dataset.repartition(target_num_rows_per_block=call_size)
+    return dataset.map_batches(
+        Auditor,
+        fn_constructor_args=(model_ref, config.to_json(), run_id, options, sink.journal, stage),
+        batch_size=call_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=options.actors),
+        num_gpus=gpus,
+        num_cpus=options.cpus_per_actor,
+    )
