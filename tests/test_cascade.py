@@ -113,9 +113,11 @@ def test_the_cascade_screens_every_image_confirms_the_selection_and_states_its_r
     assert main(["audit", f"{shards}/{{00000..00001}}.tar", *flags]) == 0
     assert Catalog(catalog).query("SELECT count(*) AS n FROM audits").column("n")[0].as_py() == len(audits)
 
-    # stage 2 on request, from the catalog alone: the two cleared images closest to their bar
+    # stage 2 on request, from the catalog alone: the two cleared images of the newest run closest to their bar
+    newest = "SELECT run_id FROM selections ORDER BY created_at DESC, run_id DESC LIMIT 1"  # the rerun's selection
     cleared = sorted(
-        (r for r in Catalog(catalog).query("SELECT image_id, screen_progress, selected_by, flagged FROM selections").to_pylist()
+        (r for r in Catalog(catalog).query("SELECT image_id, screen_progress, selected_by, flagged FROM selections "
+                                           f"WHERE run_id = ({newest})").to_pylist()
          if not r["selected_by"] and not r["flagged"]),
         key=lambda r: -r["screen_progress"],
     )  # fmt: skip
