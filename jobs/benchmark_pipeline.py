@@ -77,7 +77,7 @@ def main() -> None:
     for actors in args.actors:
         options = PipelineOptions(
             actors=actors,
-            batch_size=args.batch_size,
+            slots=args.batch_size,
             cpus_per_actor=args.cpus_per_actor,
             gpus_per_actor=args.gpus_per_actor,
         )

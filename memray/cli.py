@@ -185,24 +185,38 @@ def print_rows(rows, stream=None, truth: dict[str, str] | None = None) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)), file=stream)
 
 
+class _RenamedFlag(argparse.Action):
+    """A flag's former name: still accepted, with one line on stderr naming the flag it is now."""
+
+    def __init__(self, option_strings, dest, *, now: str, **kwargs):
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+        self.now = now
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog}: {option_string} is deprecated, use {self.now} (the same setting)", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def add_pipeline_args(parser: argparse.ArgumentParser) -> None:
     """How an audit is spread over Ray (none of it changes a result); shared with jobs/nightly.py."""
     parser.add_argument("--actors", type=int, default=1, help="auditor actors, each holding one model")
     parser.add_argument(
-        "--batch-size",
+        "--slots",
         type=int,
         default=4,
-        help="slots per actor: images optimised at once in shared UNet calls (size it by GPU memory, docs/throughput.md)",
+        help="images an actor optimises at once in shared UNet calls (size it by GPU memory, docs/throughput.md)",
     )
     parser.add_argument(
-        "--queue", type=int, default=4, help="each actor call brings batch-size x queue images, to keep its slots full"
+        "--queue", type=int, default=4, help="each actor call brings slots x queue images, to keep its slots full"
     )
     parser.add_argument(
-        "--screen-batch-size",
+        "--screen-slots",
         type=int,
         default=64,
-        help="images an actor screens at once in a cascade's stage 1 (no optimiser state: size it by GPU memory)",
+        help="slots in a cascade's stage 1, whose screens keep no optimiser state (size it by GPU memory)",
     )
+    parser.add_argument("--batch-size", dest="slots", type=int, action=_RenamedFlag, now="--slots")
+    parser.add_argument("--screen-batch-size", dest="screen_slots", type=int, action=_RenamedFlag, now="--screen-slots")
     parser.add_argument("--gpus-per-actor", type=float, help="default: 1 where the cluster has GPUs, else 0")
     parser.add_argument("--cpus-per-actor", type=float, default=1.0)
     parser.add_argument("--retry-errors", action="store_true", help="audit again images whose row is an error")
@@ -223,8 +237,8 @@ def pipeline_options(args):
 
     return PipelineOptions(
         actors=args.actors,
-        batch_size=args.batch_size,
-        screen_batch_size=args.screen_batch_size,
+        slots=args.slots,
+        screen_slots=args.screen_slots,
         queue=args.queue,
         gpus_per_actor=args.gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor,

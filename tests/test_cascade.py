@@ -82,7 +82,7 @@ def test_the_cascade_screens_every_image_confirms_the_selection_and_states_its_r
         "--set",
         'measures=["invmm","uncond_replication"]',
     ]
-    flags = ["--catalog", catalog, "--cascade", "on", "--calibration-min", "3", "--screen-batch-size", "16", *model]
+    flags = ["--catalog", catalog, "--cascade", "on", "--calibration-min", "3", "--screen-slots", "16", *model]
     # fmt: skip
     assert main(["audit", f"{shards}/{{00000..00001}}.tar", *flags]) == 0
     out = capsys.readouterr().out

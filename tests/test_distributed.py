@@ -20,7 +20,7 @@ pytest_plugins = ["s3server"]
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = tiny_budgets().replace(measures=["invmm", "z0_error"])
 SMALL_FLAGS = tiny_flags(measures=["invmm", "z0_error"])
-OPTIONS = PipelineOptions(actors=1, batch_size=2, queue=1, cpus_per_actor=0.5, rows_per_file=3)  # calls of 2 rows
+OPTIONS = PipelineOptions(actors=1, slots=2, queue=1, cpus_per_actor=0.5, rows_per_file=3)  # calls of 2 rows
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ finding is about the pipeline, the real CLI. Tests that need Ray are marked slow
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -19,7 +20,7 @@ from test_distributed import CONFIG, write_shard
 from memray.catalog.reader import Catalog
 from memray.catalog.schema import AuditRow
 from memray.catalog.writer import CatalogWriter, check_writable
-from memray.cli import main
+from memray.cli import add_pipeline_args, main
 from memray.config import ConfigError, load_config
 from memray.data.images import ImageDecodeError, read_bytes
 from memray.data.sources import list_units, read_unit
@@ -82,7 +83,7 @@ def test_the_same_key_in_three_shards_and_one_id_twice_in_a_manifest_are_all_aud
     manifest = tmp_path / "m" / "list.jsonl"
     manifest.write_text("".join(json.dumps({"id": "same", "uri": f"{i}.png"}) + "\n" for i in range(2)))
     catalog = str(tmp_path / "catalog")
-    options = PipelineOptions(batch_size=2, cpus_per_actor=0.5)
+    options = PipelineOptions(slots=2, cpus_per_actor=0.5)
     config = CONFIG.replace(measures=["z0_error"])
     first = run_audit([str(shards), str(manifest)], str(tiny_sd_dir), catalog, config, options)
     assert first.rows == 5 and not first.unfinished
@@ -105,7 +106,8 @@ def test_the_same_key_in_three_shards_and_one_id_twice_in_a_manifest_are_all_aud
         ["--set", "verdict.shift_sd_memorized=-inf"],
         ["--set", "seed=-1"],
         ["--set", "measures=[]"],
-        ["--batch-size", "0"],
+        ["--slots", "0"],
+        ["--screen-slots", "0"],
         ["--actors", "0"],
         ["--rows-per-file", "0"],
         ["--cpus-per-actor", "0"],
@@ -119,6 +121,20 @@ def test_nonsense_settings_stop_at_start_up_in_one_line(tiny_sd_dir, tmp_path, c
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("memray: ") and "Traceback" not in err
     assert not (tmp_path / "c").exists()  # nothing was written
+
+
+def test_the_former_names_of_the_slots_flags_still_work_and_say_what_they_are_now(capsys):
+    parser = argparse.ArgumentParser(prog="memray audit")
+    add_pipeline_args(parser)
+    assert (parser.parse_args([]).slots, parser.parse_args([]).screen_slots) == (4, 64)
+    assert not capsys.readouterr().err and "--batch-size" not in parser.format_help()  # the new names only
+    args = parser.parse_args(["--batch-size", "8", "--screen-batch-size", "32"])  # a nightly script of before
+    assert (args.slots, args.screen_slots) == (8, 32)
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "memray audit: --batch-size is deprecated, use --slots (the same setting)",
+        "memray audit: --screen-batch-size is deprecated, use --screen-slots (the same setting)",
+    ]
 
 
 @pytest.mark.slow

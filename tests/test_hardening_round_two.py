@@ -481,7 +481,7 @@ def local_ray():
 def test_an_image_listed_twice_gets_one_row_and_skipped_counts_only_this_runs_images(local_ray, tiny_sd_dir, tmp_path):
     from memray.models.loading import model_fingerprint, model_slug
 
-    catalog, options = str(tmp_path / "catalog"), PipelineOptions(batch_size=2, cpus_per_actor=0.5)
+    catalog, options = str(tmp_path / "catalog"), PipelineOptions(slots=2, cpus_per_actor=0.5)
     config = tiny_budgets().replace(measures=["z0_error"])
     fingerprint = model_fingerprint(tiny_sd_dir)
     slug = model_slug(str(tiny_sd_dir), fingerprint)
@@ -545,7 +545,7 @@ def test_sigterm_stops_an_audit_as_ctrl_c_does(tiny_sd_dir, tmp_path):
     (catalog / "_runs" / "0123456789ab").mkdir(parents=True)  # the ledger of a run killed with SIGKILL
     (catalog / "_runs" / "0123456789ab" / "unit.json").write_text("{}")
     command = [sys.executable, "-m", "memray.cli", "audit", str(folder), "--model", str(tiny_sd_dir),
-               "--catalog", str(catalog), "--cpus-per-actor", "0.5", "--batch-size", "1", "--queue", "1",
+               "--catalog", str(catalog), "--cpus-per-actor", "0.5", "--slots", "1", "--queue", "1",
                "--rows-per-file", "100", *tiny_flags(measures=["invmm", "z0_error"]),
                "--set", "invmm.steps=40"]  # fmt: skip
     controller, terminal = pty.openpty()  # on a terminal the progress bar is redrawn every second

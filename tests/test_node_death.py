@@ -34,7 +34,7 @@ TRIALS = 5
 CONFIG = tiny_budgets().replace(measures=["invmm", "z0_error"], invmm={"steps": 20})
 # One actor per node (Ray Data spreads them), half a CPU each so the read tasks never starve;
 # a row file per image, so the kill can wait for a given number of rows.
-OPTIONS = PipelineOptions(actors=2, batch_size=1, queue=1, cpus_per_actor=0.5, rows_per_file=1)
+OPTIONS = PipelineOptions(actors=2, slots=1, queue=1, cpus_per_actor=0.5, rows_per_file=1)
 RERUN = dataclasses.replace(OPTIONS, actors=1)  # the head alone is left: one actor does
 
 

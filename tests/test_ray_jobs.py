@@ -124,7 +124,7 @@ def test_a_killed_job_rerun_ends_with_exactly_one_ok_row_per_image(tiny_sd_dir, 
         chunk = ids[shard * 6 : (shard + 1) * 6]
         write_shard(folder / f"{shard:05d}.tar", {key: png_bytes(100 + ids.index(key)) for key in chunk}, {})
     catalog = tmp_path / "catalog"
-    command = _audit_job(folder, tiny_sd_dir, catalog, "--batch-size", "1", "--rows-per-file", "1")
+    command = _audit_job(folder, tiny_sd_dir, catalog, "--slots", "1", "--rows-per-file", "1")
     job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
     while len(list(catalog.rglob("*.parquet"))) < 3 and time.monotonic() < deadline:
@@ -171,7 +171,7 @@ def test_an_image_that_kills_its_worker_becomes_an_error_row_after_bounded_retri
     poison = "img1.png"  # second in the first batch of two
     catalog = tmp_path / "catalog"
     # Enough InvMM steps that an image is in flight for a while: the test kills the worker then.
-    command = _audit_job(folder, tiny_sd_dir, catalog, "--batch-size", "2", "--set", "invmm.steps=80")
+    command = _audit_job(folder, tiny_sd_dir, catalog, "--slots", "2", "--set", "invmm.steps=80")
     job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     kills, deadline = 0, time.monotonic() + 400
     try:
@@ -212,7 +212,7 @@ def test_random_kills_of_the_actor_and_the_driver_never_lose_or_duplicate_a_row(
     outcomes = []
     for trial in range(10):
         catalog = tmp_path / f"catalog-{trial}"
-        command = _audit_job(folder, tiny_sd_dir, catalog, "--batch-size", "1", "--rows-per-file", "1")
+        command = _audit_job(folder, tiny_sd_dir, catalog, "--slots", "1", "--rows-per-file", "1")
         target, delay = draw.choice(["actor", "driver"]), draw.uniform(2.0, 12.0)
         job = subprocess.Popen(
             command, env=job_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True

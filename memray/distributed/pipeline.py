@@ -57,9 +57,9 @@ class PipelineOptions:
     """How the audit is spread over the cluster; none of it changes a result."""
 
     actors: int = 1
-    batch_size: int = 4  # slots per actor: images its iterative measures optimise at once (sized by GPU memory)
-    screen_batch_size: int = 64  # images an actor screens at once in a cascade's stage 1 (no optimiser state)
-    queue: int = 4  # each actor call brings batch_size * queue images: freed slots take the next at once
+    slots: int = 4  # images an actor optimises at once in shared UNet calls (sized by GPU memory)
+    screen_slots: int = 64  # the same in a cascade's stage 1, whose screens keep no optimiser state
+    queue: int = 4  # each actor call brings slots * queue images: a freed slot takes the next at once
     gpus_per_actor: float | None = None  # None: 1 where the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0
     device: str | None = None
@@ -78,7 +78,7 @@ class PipelineOptions:
     def __post_init__(self):
         problems = [
             f"{name} must be at least 1, got {getattr(self, name)}"
-            for name in ("actors", "batch_size", "screen_batch_size", "queue", "rows_per_file", "max_worker_deaths")
+            for name in ("actors", "slots", "screen_slots", "queue", "rows_per_file", "max_worker_deaths")
             if not getattr(self, name) >= 1
         ]
         if not self.cpus_per_actor > 0:
@@ -89,6 +89,10 @@ class PipelineOptions:
             raise PipelineError("; ".join(problems))
         # In normal form, or refused now (UriError, one line): before any file or Ray work.
         object.__setattr__(self, "allow_uri_prefixes", tuple(map(normal_prefix, self.allow_uri_prefixes)))
+
+    def stage_slots(self, stage: str) -> int:
+        """The slots of an actor in `stage` ("screen", "confirm" or "full")."""
+        return self.screen_slots if stage == "screen" else self.slots
 
 
 class PipelineError(ConfigError):
@@ -111,7 +115,7 @@ class Auditor:
         self.journal = journal
         self.max_worker_deaths = options.max_worker_deaths
         self.stage = stage
-        self.slots = options.screen_batch_size if stage == "screen" else options.batch_size
+        self.slots = options.stage_slots(stage)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         inputs = [ImageInput(**record) for record in batch.to_pylist()]
@@ -560,8 +564,7 @@ def _audited_rows(
     dataset = dataset.flat_map(functools.partial(_read_records, skip=done, ledger=sink.ledger))
     # One block per actor call: rows stream out as each call finishes (not when a whole shard has),
     # and a call that fails past its retries loses only itself.
-    slots = options.screen_batch_size if stage == "screen" else options.batch_size
-    call_size = slots * options.queue
+    call_size = options.stage_slots(stage) * options.queue
     dataset = dataset.repartition(target_num_rows_per_block=call_size)
     return dataset.map_batches(
         Auditor,
