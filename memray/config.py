@@ -16,19 +16,36 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memray.auditing.measures import REGISTRY
 from memray.errors import ConfigError
-from memray.measures.invmm import InvMMConfig
-from memray.measures.noise_inversion import NoiseInversionConfig
-from memray.measures.prompt_inversion import HardPromptConfig, SoftPromptConfig
-from memray.measures.start_check import StartCheckConfig
-from memray.measures.wasserstein import WassersteinConfig
-from memray.measures.wen import WenConfig
-from memray.measures.z0_error import Z0ErrorConfig
+from memray.measures.settings import (
+    HardPromptConfig,
+    InvMMConfig,
+    NoiseInversionConfig,
+    SoftPromptConfig,
+    StartCheckConfig,
+    WassersteinConfig,
+    WenConfig,
+    Z0ErrorConfig,
+)
 
-MEASURES = tuple(REGISTRY)
+# The measures an audit can run, in the order they run, each with the measures it needs run before it.
+# How each runs and the columns it fills is memray.auditing.measures.REGISTRY (torch); they are named
+# here too, so that a configuration is checked without torch (tests/test_config.py: the two agree).
+MEASURE_NEEDS = {
+    "uncond_replication": (),
+    "invmm": (),
+    "start_check": (),
+    "z0_error": (),
+    "noise_inversion": (),
+    "prompt_inversion": (),
+    "wasserstein": ("prompt_inversion",),
+    "wen": (),
+    "hard_prompt": (),
+}
+MEASURES = tuple(MEASURE_NEEDS)
 V1_CHAIN = ("z0_error", "noise_inversion", "prompt_inversion", "wasserstein")
-PRECISIONS = ("fp32", "bf16", "fp16")
+# Precision: the name, and the torch dtype the networks autocast to (memray.models.autocast_dtype).
+PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass(frozen=True)
@@ -217,7 +234,7 @@ def validate(config: AuditConfig) -> None:
     if config.precision not in PRECISIONS:
         problems.append(f"precision: {config.precision!r} is not one of {list(PRECISIONS)}")
     for name in config.measures:
-        missing = [need for need in REGISTRY[name].needs if need not in config.measures] if name in REGISTRY else []
+        missing = [need for need in MEASURE_NEEDS.get(name, ()) if need not in config.measures]
         if missing:
             problems.append(f"measures: {name!r} needs {', '.join(map(repr, missing))} (it uses what it finds)")
     positive = {
