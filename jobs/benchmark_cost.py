@@ -15,7 +15,7 @@ import time
 import torch
 
 from memray.auditing.runner import audit_batch
-from memray.config import PRESETS, V1_CHAIN
+from memray.config import PRESETS, V1_CHAIN, preset_config
 from memray.data.records import ImageInput
 from memray.demo import demo_images
 from memray.models import load_model
@@ -27,7 +27,7 @@ GROUPS = {"invmm": ("invmm",), "v1 chain": V1_CHAIN, "wen screen": ("wen",)}
 def main() -> None:
     """Print one line per measure group: forwards, backwards and seconds per image."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="reference")
+    parser.add_argument("--preset", choices=PRESETS, default="reference")
     parser.add_argument("--model", help="checkpoint directory (default: a tiny SD built in code)")
     parser.add_argument("--images", type=int, default=2, help="images audited together in one batch")
     parser.add_argument("--device", default=None)
@@ -48,7 +48,7 @@ def main() -> None:
     print(f"{'measures':12s} {'forwards/img':>13s} {'backwards/img':>14s} {'seconds/img':>12s}  verdicts")
     images = [ImageInput(**item) for item in demo_images(args.images)]
     for group in args.groups:
-        config = PRESETS[args.preset]().replace(measures=list(GROUPS[group]))
+        config = preset_config(args.preset).replace(measures=list(GROUPS[group]))
         started = time.perf_counter()
         audits = audit_batch(loaded, images, config)
         seconds = time.perf_counter() - started

@@ -3,7 +3,7 @@
     python jobs/benchmark_demo.py --budget cpu                 # the shipped demo model and demo set
     python jobs/benchmark_demo.py --model DIR/model --manifest DIR/images/manifest.jsonl
 
-The demo manifest carries each image's graded ground truth (jobs/train_demo_model.py): the share
+The budget is a preset (memray/presets: cpu, bench, smoke, ...). The demo manifest carries each image's graded ground truth (jobs/train_demo_model.py): the share
 of 16 noises from which its own caption replicates it. Positives: caption rate >= 0.5.
 Negatives: rate 0, training images and never-trained ones alike; a never-trained image is
 always a negative (it cannot be memorized) and any ground-truth replication of one is flagged.
@@ -21,7 +21,6 @@ with and without the KL term, its KS p-values and whether DDIM from the result r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -33,67 +32,13 @@ import torch
 from scipy import stats
 
 from memray.auditing.runner import audit_batch, config_targets, model_null_bank
-from memray.config import AuditConfig, apply_overrides
+from memray.config import PRESETS, AuditConfig, apply_overrides, preset_config
 from memray.data.records import ImageInput
 from memray.demo import read_demo_manifest, trained_demo_manifest, trained_demo_model
 from memray.measures import rng
 from memray.measures.noise_inversion import invert_noise
 from memray.measures.replication import replication_check
 from memray.models import load_model
-
-# Budgets: the reference values with fewer steps and noises, same measures and same algorithms.
-BUDGETS = {
-    "cpu": dict(  # at most 3,000 UNet evaluations per image for InvMM; ~40 min for the demo set on 2 cores
-        invmm={
-            "steps": 100,
-            "samples_per_step": 8,
-            "check_every": 25,
-            "check_noises": 4,
-            "sampling_steps": 20,
-            "loss_window": 50,
-            "guidance_scales": [1.0, 3.0, 5.0, 7.0],
-        },
-        similarity={"null_samples": 64},
-        prompt_inversion={"steps": 100, "samples_per_step": 8},
-        wasserstein={"noises": 64, "timesteps": 10},
-        z0_error={"timesteps": 50, "noises": 16},
-        noise_inversion={"steps": 100, "regularized_steps": 100, "samples_per_step": 8, "ks_samples": 200},
-        wen={"generations": 4},
-    ),
-    "bench": dict(
-        invmm={
-            "steps": 400,
-            "check_every": 50,
-            "check_noises": 4,
-            "sampling_steps": 25,
-            "loss_window": 50,
-            "guidance_scales": [1.0, 3.0, 5.0, 7.0],
-        },
-        prompt_inversion={"steps": 200},
-        wasserstein={"noises": 200, "timesteps": 25},
-        z0_error={"timesteps": 50, "noises": 16},
-        noise_inversion={"steps": 300, "regularized_steps": 300, "ks_samples": 200},
-        wen={"generations": 4},
-    ),  # fmt: skip
-    "reference": {},
-    "smoke": dict(  # a seconds-long run of every step, for checking the script itself
-        invmm={
-            "steps": 4,
-            "check_every": 2,
-            "check_noises": 2,
-            "sampling_steps": 3,
-            "loss_window": 2,
-            "samples_per_step": 2,
-            "guidance_scales": [1.0, 3.0],
-        },
-        similarity={"null_samples": 4},
-        prompt_inversion={"steps": 3, "samples_per_step": 2},
-        wasserstein={"noises": 8, "timesteps": 3},
-        z0_error={"timesteps": 3, "noises": 2},
-        noise_inversion={"steps": 3, "regularized_steps": 3, "samples_per_step": 2, "ks_samples": 10},
-        wen={"generations": 1, "sampling_steps": 3},
-    ),
-}
 
 
 @dataclass(frozen=True)
@@ -273,7 +218,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(trained_demo_model()))
     parser.add_argument("--manifest", default=str(trained_demo_manifest()))
-    parser.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
+    parser.add_argument("--budget", choices=PRESETS, default="cpu", help="the preset the benchmark runs")
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--measures", nargs="*", default=list(MEASURES), choices=list(MEASURES))
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a setting")
@@ -287,7 +232,7 @@ def main() -> None:
 
     records = load_demo_set(Path(args.manifest))
     loaded = load_model(args.model, device=args.device)
-    base = apply_overrides(AuditConfig().replace(**BUDGETS[args.budget]), args.set)
+    base = apply_overrides(preset_config(args.budget), args.set)
     positive, negative, borderline = classes(records)
     never = sum(r["duplicates"] == 0 for r in records)
     print(f"demo set {args.manifest}: {len(records)} images, {positive.sum()} positives (caption rate >= 0.5), "
@@ -295,7 +240,7 @@ def main() -> None:
     flagged = [r["id"] for r in records if r["duplicates"] == 0 and r["truth_caption_rate"] > 0]
     if flagged:
         print(f"  ground truth replicates never-trained images (a fault of the similarity): {flagged}")
-    print(f"model {args.model}; budget {args.budget} {json.dumps(BUDGETS[args.budget])} {args.set or ''}")
+    print(f"model {args.model}; budget {args.budget} (config {base.hash()}) {args.set or ''}")
     print(
         f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, {loaded.adapter.device}"
     )

@@ -21,7 +21,7 @@ from pathlib import Path
 from memray.catalog.reader import Catalog
 from memray.catalog.schema import AuditRow
 from memray.catalog.writer import CatalogWriter
-from memray.config import PRESETS
+from memray.config import PRESETS, preset_config
 from memray.demo import demo_model_dir, write_demo_images
 from memray.distributed.pipeline import PipelineOptions, run_audit
 
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--cpus-per-actor", type=float, default=1.0)
     parser.add_argument("--gpus-per-actor", type=float)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    parser.add_argument("--preset", choices=PRESETS, default="quick")
     parser.add_argument("--model", help="checkpoint directory (default: the demo model)")
     parser.add_argument("--catalog-rows", type=int, default=100_000)
     parser.add_argument("--out", default=None, help="working folder (default: a temporary one)")
@@ -70,7 +70,7 @@ def main() -> None:
     out = Path(args.out or tempfile.mkdtemp(prefix="memray-bench-"))
     model = Path(args.model) if args.model else demo_model_dir(out / "demo-model")
     manifest = write_demo_images(out / "images", count=args.images)
-    config = PRESETS[args.preset]()
+    config = preset_config(args.preset)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; model {model}; preset {args.preset}")
     print(f"{'actors':>6s} {'images':>7s} {'errors':>6s} {'seconds':>9s} {'images/h':>10s} {'UNet ev/img':>12s} "
           f"{'UNet ev/s/act':>14s}")  # fmt: skip

@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchmark_demo import BUDGETS, classes, load_demo_set  # noqa: E402
+from benchmark_demo import classes, load_demo_set  # noqa: E402
 
-from memray.config import AuditConfig, apply_overrides  # noqa: E402
+from memray.config import AuditConfig, apply_overrides, preset_config  # noqa: E402
 from memray.measures.replication import failing_check_forwards  # noqa: E402
 
 GATE_STEPS = 5
@@ -79,10 +79,11 @@ def collect(args) -> None:
 
 
 def demo_config(steps: int, **invmm) -> AuditConfig:
-    """InvMM and the unconditional rate at the CPU budget's checks, `steps` steps, other InvMM settings as given."""
-    config = AuditConfig(measures=("invmm", "uncond_replication"))
-    return config.replace(
-        invmm={**BUDGETS["cpu"]["invmm"], "steps": steps, **invmm}, similarity=BUDGETS["cpu"]["similarity"]
+    """InvMM and the unconditional rate at the cpu preset's InvMM and similarity settings, `steps` steps,
+    other InvMM settings as given (the other measures' settings are the defaults: they do not run)."""
+    cpu = preset_config("cpu")
+    return AuditConfig(measures=("invmm", "uncond_replication")).replace(
+        invmm={**dataclasses.asdict(cpu.invmm), "steps": steps, **invmm}, similarity=dataclasses.asdict(cpu.similarity)
     )
 
 
