@@ -28,6 +28,7 @@ from memray.catalog.cascade import CascadeSummary, summarize
 from memray.catalog.schema import AuditRow
 from memray.config import AuditConfig
 from memray.data.records import ImageInput
+from memray.evaluation.demo_benchmark import truth_class
 
 # Stable Diffusion 1.5's UNet at 512 px, GFLOP per sample-evaluation, counted by torch.utils.flop_counter
 # (python jobs/benchmark_throughput.py --arch sd15 --unet-only --batch 2, on this project's CPU).
@@ -189,14 +190,6 @@ def report(name: str, labelled: list[Labelled], outcome: CascadeOutcome, utilisa
         f"InvMM on every image {gpu_hours_per_million(*reference, utilisation):,.0f}"
     )
     return lines
-
-
-def truth_class(trained: bool, caption_rate: float | None) -> str:
-    """The demo benchmark's classes: positive (trained, its caption replicates it from at least half
-    of the noises), negative (never trained, or a rate of 0), borderline otherwise."""
-    if not trained or not caption_rate:
-        return "negative"
-    return "positive" if caption_rate >= 0.5 else "borderline"
 
 
 def demo_set(with_caption: bool) -> list[Labelled]:
