@@ -9,13 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+from memray.config import PRECISIONS, PRESETS, apply_overrides, load_config, preset_config
 from memray.errors import USAGE_ERRORS, ConfigError, Terminated, is_storage_access_error
 from memray.formatting import format_value, log_to_stderr, printable
 
-PRESET_NAMES = ("default", "quick", "reference")  # memray.config.PRESETS, named here so --help needs no torch
-
 # Everything else is imported by the command that needs it: `memray --help` and `memray query`
-# never load torch.
+# never load torch (memray.config does not).
 
 
 class Progress:
@@ -41,8 +40,6 @@ class Progress:
 
 def build_config(args):
     """The AuditConfig of the flags: preset or file, then --set overrides, then the shortcut flags."""
-    from memray.config import apply_overrides, load_config, preset_config
-
     base = load_config(args.config) if args.config else preset_config(args.preset)
     shortcuts = {}
     if args.sscd:
@@ -64,9 +61,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TOML/YAML/JSON audit configuration")
     parser.add_argument(
         "--preset",
-        choices=PRESET_NAMES,
+        choices=PRESETS,
         default="default",
-        help="base configuration: default (reference hyperparameters with the calibrated early stop), reference (the reference protocol: no early stop), quick",
+        help="base configuration (memray/presets): default (reference hyperparameters with the calibrated early stop), "
+        "reference (the reference protocol: no early stop), quick, cpu and bench (the demo benchmark's budgets), smoke",
     )
     parser.add_argument(
         "--set", action="append", metavar="SECTION.KEY=VALUE", help="override one setting, e.g. --set invmm.steps=500"
@@ -76,7 +74,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument(
         "--precision",
-        choices=["fp32", "bf16", "fp16"],
+        choices=list(PRECISIONS),
         help="autocast precision on GPU (part of the config: it changes results; default fp32)",
     )
     parser.add_argument(
@@ -430,7 +428,6 @@ def cmd_demo(args) -> int:
     from memray.catalog.reader import Catalog
     from memray.catalog.report_queries import run_rows
     from memray.catalog.schema import AuditRow
-    from memray.config import load_config
     from memray.demo import demo_audit_config, write_demo_sample
     from memray.distributed.pipeline import PipelineOptions, run_cascade
 
@@ -451,8 +448,6 @@ def cmd_demo(args) -> int:
 
 def cmd_config(args) -> int:
     """Print the effective configuration as JSON with its hash."""
-    from memray.config import load_config, preset_config
-
     config = load_config(args.config) if args.config else preset_config(args.preset)
     print(json.dumps({"config_hash": config.hash(), **config.to_dict()}, indent=2))
     return 0
@@ -609,7 +604,7 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("config", help="print the effective configuration and its hash")
     p.add_argument("--config")
-    p.add_argument("--preset", choices=PRESET_NAMES, default="default")
+    p.add_argument("--preset", choices=PRESETS, default="default")
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("compare", help="per-image changes between two audited models; exit 1 on regressions")

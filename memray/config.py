@@ -16,19 +16,36 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memray.auditing.measures import REGISTRY
 from memray.errors import ConfigError
-from memray.measures.invmm import InvMMConfig
-from memray.measures.noise_inversion import NoiseInversionConfig
-from memray.measures.prompt_inversion import HardPromptConfig, SoftPromptConfig
-from memray.measures.start_check import StartCheckConfig
-from memray.measures.wasserstein import WassersteinConfig
-from memray.measures.wen import WenConfig
-from memray.measures.z0_error import Z0ErrorConfig
+from memray.measures.settings import (
+    HardPromptConfig,
+    InvMMConfig,
+    NoiseInversionConfig,
+    SoftPromptConfig,
+    StartCheckConfig,
+    WassersteinConfig,
+    WenConfig,
+    Z0ErrorConfig,
+)
 
-MEASURES = tuple(REGISTRY)
+# The measures an audit can run, in the order they run, each with the measures it needs run before it.
+# How each runs and the columns it fills is memray.auditing.measures.REGISTRY (torch); they are named
+# here too, so that a configuration is checked without torch (tests/test_config.py: the two agree).
+MEASURE_NEEDS = {
+    "uncond_replication": (),
+    "invmm": (),
+    "start_check": (),
+    "z0_error": (),
+    "noise_inversion": (),
+    "prompt_inversion": (),
+    "wasserstein": ("prompt_inversion",),
+    "wen": (),
+    "hard_prompt": (),
+}
+MEASURES = tuple(MEASURE_NEEDS)
 V1_CHAIN = ("z0_error", "noise_inversion", "prompt_inversion", "wasserstein")
-PRECISIONS = ("fp32", "bf16", "fp16")
+# Precision: the name, and the torch dtype the networks autocast to (memray.models.autocast_dtype).
+PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass(frozen=True)
@@ -217,7 +234,7 @@ def validate(config: AuditConfig) -> None:
     if config.precision not in PRECISIONS:
         problems.append(f"precision: {config.precision!r} is not one of {list(PRECISIONS)}")
     for name in config.measures:
-        missing = [need for need in REGISTRY[name].needs if need not in config.measures] if name in REGISTRY else []
+        missing = [need for need in MEASURE_NEEDS.get(name, ()) if need not in config.measures]
         if missing:
             problems.append(f"measures: {name!r} needs {', '.join(map(repr, missing))} (it uses what it finds)")
     positive = {
@@ -405,47 +422,21 @@ def load_config(path: str | Path) -> AuditConfig:
         raise ConfigError(f"{path}: expected a table of settings at the top, got {type(data).__name__}")
     preset = data.pop("preset", None)
     if preset is not None and preset not in PRESETS:
-        raise ConfigError(f"{path}: unknown preset {preset!r}; known: {sorted(PRESETS)}")
-    base = PRESETS[preset]().to_dict() if preset else {}
+        raise ConfigError(f"{path}: unknown preset {preset!r}; known: {list(PRESETS)}")
+    base = preset_config(preset).to_dict() if preset else {}
     for key, value in data.items():
         base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
     return from_dict(base)
 
 
-def quick_config() -> AuditConfig:
-    """Small budgets for tests, CPU demos and smoke runs: same measures, far fewer evaluations."""
-    return AuditConfig(
-        z0_error=Z0ErrorConfig(timesteps=10, noises=4),
-        noise_inversion=NoiseInversionConfig(steps=20, regularized_steps=20, samples_per_step=4, ks_samples=50),
-        prompt_inversion=SoftPromptConfig(steps=20, samples_per_step=4),
-        hard_prompt=HardPromptConfig(tokens=2, top_k=3, restarts=2, test_samples=2, steps=10),
-        wasserstein=WassersteinConfig(noises=32, timesteps=10),
-        invmm=InvMMConfig(
-            steps=40,
-            samples_per_step=4,
-            check_every=20,
-            check_noises=2,
-            guidance_scales=(1.0, 3.0),
-            sampling_steps=10,
-            loss_window=20,
-            confirm_noises=4,
-        ),
-        wen=WenConfig(generations=2, steps=1, sampling_steps=10),
-        similarity=SimilarityConfig(null_samples=16),
-    )
-
-
-def reference_protocol_config() -> AuditConfig:
-    """The reference protocol: memray's defaults without the early stop (every image runs its whole budget)
-    and with the reference's all-K success (no counting)."""
-    return AuditConfig().replace(invmm={"early_stop": False, "gate_steps": 0}, verdict={"evidence": "all"})
-
-
-PRESETS = {"default": AuditConfig, "reference": reference_protocol_config, "quick": quick_config}
+# Named configurations, one TOML file each (memray/presets/NAME.toml); a file may start from another
+# preset (`preset = "quick"`) and set only what differs. `memray config --preset NAME` prints one.
+PRESET_FOLDER = Path(__file__).parent / "presets"
+PRESETS = tuple(sorted(path.stem for path in PRESET_FOLDER.glob("*.toml")))
 
 
 def preset_config(name: str) -> AuditConfig:
     """The configuration a preset names."""
     if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
-    return PRESETS[name]()
+        raise ConfigError(f"unknown preset {name!r}; known: {list(PRESETS)}")
+    return load_config(PRESET_FOLDER / f"{name}.toml")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from memray.config import AuditConfig, quick_config
+from memray.config import AuditConfig, preset_config
 from memray.models import load_model
 from memray.models.tiny import build_tiny_ddpm, build_tiny_ldm, build_tiny_sd, build_tiny_sd3, build_tiny_sdxl
 
@@ -25,36 +25,17 @@ def one_cpu_thread():
 
 
 def tiny_budgets() -> AuditConfig:
-    """The quick preset cut to the smallest budgets that still run every step of every measure."""
-    return quick_config().replace(
-        invmm={
-            "steps": 4,
-            "check_every": 2,
-            "samples_per_step": 2,
-            "check_noises": 2,
-            "guidance_scales": [1.0, 2.0],
-            "sampling_steps": 3,
-            "loss_window": 4,
-        },
-        z0_error={"timesteps": 3, "noises": 2},
-        noise_inversion={"steps": 3, "regularized_steps": 3, "samples_per_step": 2, "ks_samples": 10},
-        prompt_inversion={"steps": 3, "samples_per_step": 2},
-        wasserstein={"noises": 4, "timesteps": 3},
-        wen={"generations": 1, "sampling_steps": 3},
-        hard_prompt={"tokens": 1, "top_k": 2, "restarts": 1, "test_samples": 1, "steps": 2},
-    )
+    """The smoke preset: the smallest budgets that still run every step of every measure."""
+    return preset_config("smoke")
 
 
 def tiny_flags(**changes) -> list[str]:
     """Command-line flags that give tiny_budgets().replace(**changes): the same budgets for the CLI and jobs."""
-    config = tiny_budgets().replace(**changes).to_dict()
-    flags = ["--preset", "quick"]
-    for section, settings in config.items():
+    flags = ["--preset", "smoke"]
+    for section, settings in changes.items():
         items = settings.items() if isinstance(settings, dict) else [(None, settings)]
         for key, value in items:
-            if value is not None:  # None is every preset's default, and TOML has no null
-                name = section if key is None else f"{section}.{key}"
-                flags += ["--set", f"{name}={json.dumps(value)}"]
+            flags += ["--set", f"{section if key is None else f'{section}.{key}'}={json.dumps(value)}"]
     return flags
 
 

@@ -17,7 +17,7 @@ from memray.auditing.measures import REGISTRY
 from memray.auditing.runner import audit_batch, check_compatible, supported_measures
 from memray.auditing.verdict import decide
 from memray.catalog.schema import AuditRow
-from memray.config import ConfigError, VerdictConfig, quick_config
+from memray.config import ConfigError, VerdictConfig, preset_config
 from memray.data.records import ImageInput
 from memray.models.tiny import TINY_WORDS
 
@@ -192,7 +192,7 @@ def test_an_unreadable_path_becomes_an_error_row_not_a_crash(tiny_sd, tmp_path):
 
 
 def test_prompt_measures_are_refused_for_the_unconditional_ddpm(tiny_ddpm, tiny_sd):
-    config = quick_config()
+    config = preset_config("quick")
     model = tiny_ddpm.adapter
     assert supported_measures(config, model) == ("invmm", "uncond_replication", "z0_error", "noise_inversion")
     assert supported_measures(config, tiny_sd.adapter) == config.measures

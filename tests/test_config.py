@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
+from conftest import tiny_budgets, tiny_flags
 
-from memray.config import AuditConfig, ConfigError, from_dict, load_config, quick_config
+from memray.config import (
+    MEASURE_NEEDS,
+    PRESETS,
+    AuditConfig,
+    ConfigError,
+    from_dict,
+    load_config,
+    preset_config,
+)
+from memray.demo import demo_audit_config
 
 
 def test_defaults_are_the_reference_hyperparameters():
@@ -45,7 +58,7 @@ def test_preset_in_a_file_is_the_base_of_its_settings(tmp_path):
     (tmp_path / "q.toml").write_text('preset = "quick"\n[invmm]\nsteps = 7\n')
     config = load_config(tmp_path / "q.toml")
     assert config.invmm.steps == 7
-    assert config.wasserstein.noises == quick_config().wasserstein.noises
+    assert config.wasserstein.noises == preset_config("quick").wasserstein.noises
 
 
 @pytest.mark.parametrize(
@@ -101,3 +114,53 @@ def test_the_precision_flag_sets_the_config_and_its_hash():
     bf16 = build_config(parser.parse_args(["--model", "m", "--precision", "bf16"]))
     assert (default.precision, bf16.precision) == ("fp32", "bf16")
     assert default.hash() != bf16.hash()
+
+
+def test_presets_are_files_and_keep_their_hashes():
+    # A config hash identifies results in catalogs (resume): a preset that changes them is a new preset.
+    assert {name: preset_config(name).hash() for name in PRESETS} == {
+        "bench": "92f92214027c017c",
+        "cpu": "96068e2d8a28d1ee",
+        "default": "91565dccb12a21c4",
+        "quick": "864dca6fa106fa5e",
+        "reference": "64b7beba49eb69f9",
+        "smoke": "7dd6c008af1e81f6",
+    }
+    assert preset_config("default") == AuditConfig()
+    reference = preset_config("reference")
+    assert (reference.invmm.early_stop, reference.verdict.evidence) == (False, "all")
+    with pytest.raises(ConfigError, match="unknown preset 'fast'"):
+        preset_config("fast")
+
+
+def test_a_preset_file_may_start_from_another_preset():
+    smoke, quick = preset_config("smoke"), preset_config("quick")
+    assert smoke.invmm.steps == 4 and smoke.invmm.confirm_noises == quick.invmm.confirm_noises == 4
+    demo, cpu = load_config(demo_audit_config()), preset_config("cpu")  # the cpu preset, cheaper prompt measures
+    assert demo.invmm == dataclasses.replace(cpu.invmm, confirm_noises=4) and demo.similarity == cpu.similarity
+    assert (demo.prompt_inversion.steps, demo.wasserstein.noises) == (50, 32)
+
+
+def test_the_test_flags_give_the_test_configuration():
+    from memray.cli import add_model_args, build_config
+
+    parser = argparse.ArgumentParser()
+    add_model_args(parser)
+    changes = {"measures": ["invmm", "z0_error"], "invmm": {"steps": 8, "guidance_scales": [1.0, 3.0]}}
+    flags = tiny_flags(**changes)
+    assert build_config(parser.parse_args(["--model", "m", *flags])) == tiny_budgets().replace(**changes)
+
+
+def test_the_configuration_names_the_registrys_measures_and_what_each_needs():
+    from memray.auditing.measures import REGISTRY
+
+    assert list(MEASURE_NEEDS.items()) == [(name, measure.needs) for name, measure in REGISTRY.items()]
+
+
+def test_the_configuration_loads_and_validates_without_torch():
+    probe = (
+        "import sys, memray.config as c; [c.preset_config(name) for name in c.PRESETS]; "
+        f"c.load_config({str(demo_audit_config())!r}); print('torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

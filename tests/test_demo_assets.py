@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import gzip
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,10 +13,10 @@ from PIL import Image
 from memray.catalog.reader import Catalog
 from memray.cli import main
 from memray.demo import DEMO_ASSETS, demo_group, read_demo_manifest, trained_demo_manifest, trained_demo_model
+from memray.evaluation import demo_training
 
 MANIFEST = read_demo_manifest(trained_demo_manifest())
 TRAIN_LOG = json.loads((DEMO_ASSETS / "train_log.json").read_text())
-SCRIPT = Path(__file__).resolve().parents[1] / "jobs" / "train_demo_model.py"
 
 
 def _trained() -> dict[str, dict]:
@@ -60,14 +58,8 @@ def test_every_group_is_in_the_demo_set_with_its_training_count_and_graded_truth
 
 
 def test_the_demo_images_are_the_plans_images_for_the_training_arguments():
-    spec = importlib.util.spec_from_file_location("train_demo_model", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = script
-    spec.loader.exec_module(script)
-    import argparse
-
-    trained, never = script.build_plan(argparse.Namespace(**TRAIN_LOG["args"]))
-    items = {item.id: item for item in script.demo_set(trained, never, TRAIN_LOG["args"]["demo_normal"])}
+    trained, never = demo_training.build_plan(argparse.Namespace(**TRAIN_LOG["args"]))
+    items = {item.id: item for item in demo_training.demo_set(trained, never, TRAIN_LOG["args"]["demo_normal"])}
     assert sorted(items) == sorted(record["id"] for record in MANIFEST)
     for record in MANIFEST:
         expected = items[record["id"]].image(TRAIN_LOG["args"]["resolution"])

@@ -23,23 +23,16 @@ from memray.auditing.runner import audit_batch
 from memray.data.images import decode_image, to_model_tensor
 from memray.data.records import ImageInput
 from memray.measures import rng
-from memray.measures.invmm import InvMMConfig, _PromptDistribution, invmm
-from memray.measures.noise_inversion import NoiseInversionConfig, invert_noise
-from memray.measures.prompt_inversion import SoftPromptConfig, soft_prompt_inversion
+from memray.measures.invmm import _PromptDistribution, invmm
+from memray.measures.noise_inversion import invert_noise
+from memray.measures.prompt_inversion import soft_prompt_inversion
+from memray.measures.settings import NoiseInversionConfig, SoftPromptConfig, WenConfig
 from memray.measures.similarity import LatentL2Similarity
 from memray.measures.stats import kl_to_standard_normal
-from memray.measures.wen import WenConfig, wen_screen
+from memray.measures.wen import wen_screen
 from memray.measures.z0_error import sampled_z0_error, z0_prediction_error
 
-TINY_INVMM = InvMMConfig(
-    steps=4,
-    check_every=2,
-    samples_per_step=2,
-    check_noises=2,
-    guidance_scales=(1.0, 2.0),
-    sampling_steps=3,
-    loss_window=4,
-)
+TINY_INVMM = tiny_budgets().invmm
 
 
 # -- helpers ------------------------------------------------------------------------------------

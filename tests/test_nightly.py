@@ -1,8 +1,8 @@
-"""jobs/nightly.py end to end: tiny checkpoints under a prefix, a real local Ray, a real catalog."""
+"""The nightly job (memray.nightly, jobs/nightly.py) end to end: tiny checkpoints under a prefix, a real local Ray,
+a real catalog."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,6 +13,7 @@ import pytest
 from conftest import png_bytes
 from test_distributed import SMALL_FLAGS
 
+from memray import nightly
 from memray.catalog.reader import Catalog
 from memray.models.tiny import build_tiny_sd
 
@@ -21,16 +22,6 @@ REPO = Path(__file__).resolve().parent.parent
 # The similarity threshold decides InvMM's success check: never met, or met at the first check.
 NEVER_REPLICATED = [*SMALL_FLAGS, "--set", "similarity.threshold=1.0"]  # only an exact copy
 ALWAYS_REPLICATED = [*SMALL_FLAGS, "--set", "similarity.threshold=1e-9", "--set", "similarity.nulls=false"]
-
-
-def load_job():
-    spec = importlib.util.spec_from_file_location("nightly", REPO / "jobs" / "nightly.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-nightly = load_job()
 
 
 def make_prefix(fs, root: str, names: list[str]) -> None:

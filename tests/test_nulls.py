@@ -14,10 +14,11 @@ from conftest import png_bytes, threshold_targets
 from memray.auditing.runner import audit_batch
 from memray.auditing.verdict import decide
 from memray.catalog.schema import AuditRow
-from memray.config import ConfigError, SimilarityConfig, VerdictConfig, quick_config
+from memray.config import ConfigError, SimilarityConfig, VerdictConfig, preset_config
 from memray.data.records import ImageInput
 from memray.measures import rng
-from memray.measures.invmm import InvMMConfig, caption_start_logits, invmm
+from memray.measures.invmm import caption_start_logits, invmm
+from memray.measures.settings import InvMMConfig
 from memray.measures.similarity import (
     LatentL2Similarity,
     TiledL2Similarity,
@@ -159,7 +160,7 @@ def test_invmm_from_a_caption_starts_at_the_caption_and_stays_batch_independent(
 
 
 def test_an_audit_fills_the_bar_the_nulls_and_the_unconditional_rate(tiny_sd):
-    config = quick_config().replace(
+    config = preset_config("quick").replace(
         measures=["invmm", "uncond_replication"],
         invmm={"steps": 2, "check_every": 2, "check_noises": 1, "sampling_steps": 2, "guidance_scales": [1.0]},
         similarity={"null_samples": 4},
@@ -212,5 +213,5 @@ def test_unprompted_replication_decides_first_and_voids_the_m4_shift():
 )
 def test_replication_settings_are_validated(changes, message):
     with pytest.raises(ConfigError, match=message):
-        quick_config().replace(**changes)
+        preset_config("quick").replace(**changes)
     assert SimilarityConfig().null_gain == 0.5

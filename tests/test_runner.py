@@ -7,10 +7,10 @@ from conftest import png_bytes
 
 import memray
 from memray.auditing.runner import audit_batch, replica_samples
-from memray.config import quick_config
+from memray.config import preset_config
 from memray.data.records import ImageInput
 
-TINY = quick_config().replace(
+TINY = preset_config("quick").replace(
     measures=["invmm", "z0_error"],
     invmm={"steps": 4, "check_every": 2, "check_noises": 2, "sampling_steps": 3, "guidance_scales": [1.0, 2.0]},
 )

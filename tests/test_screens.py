@@ -18,8 +18,9 @@ from memray.config import VerdictConfig
 from memray.data.records import ImageInput
 from memray.measures import rng
 from memray.measures.sampling import ddim_generate
+from memray.measures.settings import StartCheckConfig
 from memray.measures.similarity import LatentL2Similarity
-from memray.measures.start_check import StartCheckConfig, start_check
+from memray.measures.start_check import start_check
 
 SCREEN = StartCheckConfig(noises=3, steps=3, guidance_scales=(1.0, 2.5))
 IDS = ["s0", "s1", "s2"]

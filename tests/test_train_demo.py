@@ -1,12 +1,11 @@
-"""The demo-model training script: its data plan (fast), and one smoke run end to end (about two minutes on CPU)."""
+"""The demo model's training (memray.evaluation.demo_training): its data plan (fast), and one smoke run end to end
+(about two minutes on CPU)."""
 
 from __future__ import annotations
 
 import argparse
 import gzip
-import importlib.util
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -14,21 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-SCRIPT = Path(__file__).resolve().parents[1] / "jobs" / "train_demo_model.py"
+from memray.evaluation import demo_training
+
 EXTRA_CAPTION = "a photo of my grey cat"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("train_demo_model", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the script's annotations through it
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def script():
-    return _load_script()
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -41,10 +28,12 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def plan(script, tmp_path_factory):
-    args = script.parse_args(["--out", str(tmp_path_factory.mktemp("plan")), "--steps", "400", "--levels", "8", "32"])
+def plan(tmp_path_factory):
+    args = demo_training.parse_args(
+        ["--out", str(tmp_path_factory.mktemp("plan")), "--steps", "400", "--levels", "8", "32"]
+    )
     args.uncond_copies = 64
-    trained, never = script.build_plan(args)
+    trained, never = demo_training.build_plan(args)
     return args, trained, never
 
 
@@ -91,17 +80,17 @@ def test_never_trained_images_include_hard_negatives_and_caption_lures(plan):
     assert sum(item.split == "heldout" for item in never) == args.heldout
 
 
-def test_the_plan_and_the_order_are_deterministic_for_a_seed(script, plan):
+def test_the_plan_and_the_order_are_deterministic_for_a_seed(plan):
     args, trained, never = plan
-    again, never_again = script.build_plan(args)
+    again, never_again = demo_training.build_plan(args)
     assert [(i.id, i.caption, i.copies) for i in trained] == [(i.id, i.caption, i.copies) for i in again]
     for a, b in zip(never, never_again):
         assert np.array_equal(np.asarray(a.image(32)), np.asarray(b.image(32))), a.id
-    order = script.training_order(trained, args.seed)
-    assert order.equal(script.training_order(trained, args.seed))
-    assert not order.equal(script.training_order(trained, args.seed + 1))
+    order = demo_training.training_order(trained, args.seed)
+    assert order.equal(demo_training.training_order(trained, args.seed))
+    assert not order.equal(demo_training.training_order(trained, args.seed + 1))
     assert np.bincount(order.numpy(), minlength=len(trained)).tolist() == [i.copies for i in trained]
-    other, _ = script.build_plan(argparse.Namespace(**{**vars(args), "seed": 1}))
+    other, _ = demo_training.build_plan(argparse.Namespace(**{**vars(args), "seed": 1}))
     assert [i.caption for i in other[:6]] != [i.caption for i in trained[:6]]
 
 
@@ -109,13 +98,13 @@ def test_the_plan_and_the_order_are_deterministic_for_a_seed(script, plan):
 
 
 @pytest.fixture(scope="module")
-def run(script, tmp_path_factory):
+def run(tmp_path_factory):
     """One smoke training run with one extra planted image (a non-square file, to exercise the crop)."""
     extra = tmp_path_factory.mktemp("extra")
     Image.new("RGB", (40, 56), (120, 120, 120)).save(extra / "my-cat.png")
     (extra / "my-cat.txt").write_text(EXTRA_CAPTION + "\n")
     out = tmp_path_factory.mktemp("demo-smoke")
-    log = script.main(["--smoke", "--out", str(out), "--extra-planted", str(extra)])
+    log = demo_training.main(["--smoke", "--out", str(out), "--extra-planted", str(extra)])
     return out, log
 
 
@@ -166,7 +155,7 @@ def test_the_loss_goes_down_and_the_log_says_what_was_trained(run):
 
 
 @pytest.mark.slow
-def test_a_fine_tune_keeps_the_vae_and_tokenizer_and_plants_more_images(script, run, tmp_path):
+def test_a_fine_tune_keeps_the_vae_and_tokenizer_and_plants_more_images(run, tmp_path):
     from safetensors.torch import load_file
 
     out, _ = run
@@ -176,7 +165,7 @@ def test_a_fine_tune_keeps_the_vae_and_tokenizer_and_plants_more_images(script, 
     (extra / "red.txt").write_text("a large red circle on a blue background")
     tuned = tmp_path / "tuned"
     common = ["--smoke", "--init-from", str(out / "model"), "--extra-planted", str(extra)]
-    script.main([*common, "--out", str(tuned), "--steps", "2", "--truth-noises", "1", "--uncond-samples", "1"])
+    demo_training.main([*common, "--out", str(tuned), "--steps", "2", "--truth-noises", "1", "--uncond-samples", "1"])
 
     def weights(model, part):
         return load_file(next((model / part).glob("*.safetensors")))
@@ -195,14 +184,14 @@ def test_a_fine_tune_keeps_the_vae_and_tokenizer_and_plants_more_images(script, 
 
     (extra / "red.txt").write_text("a large red zeppelin")  # a word the checkpoint's tokenizer never saw
     with pytest.raises(SystemExit, match="zeppelin"):
-        script.main([*common, "--out", str(tmp_path / "refused")])
+        demo_training.main([*common, "--out", str(tmp_path / "refused")])
 
 
 @pytest.mark.slow
-def test_the_ground_truth_is_measured_again_on_a_trained_model(script, run):
+def test_the_ground_truth_is_measured_again_on_a_trained_model(run):
     out, _ = run
     before = _jsonl(out / "images" / "manifest.jsonl")
-    log = script.main(["--check-only", "--out", str(out)])
+    log = demo_training.main(["--check-only", "--out", str(out)])
     after = _jsonl(out / "images" / "manifest.jsonl")
     assert [r["id"] for r in after] == [r["id"] for r in before]
     assert after == before  # the same seeded noises: the same rates

@@ -145,8 +145,19 @@ def audit_batch(
     return audits
 
 
-def audit(images, model, config: AuditConfig | None = None, *, batch_size: int = 8, progress=None) -> list[AuditRow]:
-    """Audit images (paths, URLs or ImageInput) against a model (a loaded model or a checkpoint ref)."""
+def audit(
+    images,
+    model,
+    config: AuditConfig | None = None,
+    *,
+    batch_size: int = 8,
+    progress=None,
+    replicas: int = 4,
+    slots: int | None = None,
+    stage: str = "full",
+) -> list[AuditRow]:
+    """Audit images (paths, URLs or ImageInput) against a model (a loaded model or a checkpoint ref),
+    `batch_size` at a time; `replicas`, `slots` and `stage` as in audit_batch."""
     from memray.models import load_model
 
     loaded = load_model(model) if isinstance(model, str) else model
@@ -155,7 +166,10 @@ def audit(images, model, config: AuditConfig | None = None, *, batch_size: int =
     run_id = uuid.uuid4().hex[:12]
     rows = []
     for start in range(0, len(items), batch_size):
-        batch = audit_batch(loaded, items[start : start + batch_size], config, run_id=run_id, progress=progress)
+        chunk = items[start : start + batch_size]
+        batch = audit_batch(
+            loaded, chunk, config, run_id=run_id, progress=progress, replicas=replicas, slots=slots, stage=stage
+        )
         rows += [a.row for a in batch]
     return rows
 

@@ -1,5 +1,8 @@
 """Does the cascade find what InvMM on every image finds, at a fraction of the cost, and say how much it missed?
 
+    python jobs/benchmark_cascade.py                                  # demo set and a 2,000-image LAION-shaped set
+    python jobs/benchmark_cascade.py --sets demo --settings caption   # a part of it
+
 For a set of images with ground truth, in one setting (caption known or not):
 
 1. stage 1, the screens (AuditConfig.screen_config) on every image;
@@ -9,7 +12,7 @@ For a set of images with ground truth, in one setting (caption known or not):
    batch: tests/test_invariants.py), so both are measured from one set of InvMM runs;
 4. the run's summary (memray.catalog.cascade.summarize): the screen's recall and its interval.
 
-Everything goes through the runner (memray.auditing.runner.audit_batch), the selection and the
+Everything goes through the runner (memray.auditing.runner.audit), the selection and the
 summary the product uses; no step is re-implemented here. Cost is counted in UNet
 sample-evaluations (forward and backward), the machine-independent cost, and projected to
 GPU-hours per million images for Stable Diffusion 1.5 from its FLOPs per evaluation.
@@ -17,17 +20,26 @@ GPU-hours per million images for Stable Diffusion 1.5 from its FLOPs per evaluat
 
 from __future__ import annotations
 
+import argparse
+import os
+import platform
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import torch
 
-from memray.auditing.runner import audit_batch
+from memray.auditing.runner import audit
 from memray.cascade.selection import CascadeOptions, Screened, select
 from memray.catalog.cascade import CascadeSummary, summarize
 from memray.catalog.schema import AuditRow
-from memray.config import AuditConfig
+from memray.config import AuditConfig, apply_overrides, load_config
 from memray.data.records import ImageInput
+from memray.demo import demo_audit_config
+from memray.evaluation.demo_benchmark import truth_class
+from memray.evaluation.laion import write_laion_set
+from memray.models import load_model
 
 # Stable Diffusion 1.5's UNet at 512 px, GFLOP per sample-evaluation, counted by torch.utils.flop_counter
 # (python jobs/benchmark_throughput.py --arch sd15 --unet-only --batch 2, on this project's CPU).
@@ -56,15 +68,6 @@ class CascadeOutcome:
     seconds: dict[str, float]
 
 
-def audit_rows(loaded, items: list[ImageInput], config: AuditConfig, *, stage: str, batch_size: int, slots: int | None):
-    """Rows of `items` under `config`, batch by batch, through the runner (no replicas drawn)."""
-    rows = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        rows += [a.row for a in audit_batch(loaded, chunk, config, stage=stage, replicas=0, slots=slots)]
-    return rows
-
-
 def run_cascade(
     loaded,
     items: list[ImageInput],
@@ -78,7 +81,7 @@ def run_cascade(
     """Screen, select, confirm (or take the selected images' rows of `everyone`), summarize."""
     seconds = {}
     started = time.perf_counter()
-    screen = audit_rows(loaded, items, config.screen_config(), stage="screen", batch_size=batch_size, slots=None)
+    screen = audit(items, loaded, config.screen_config(), batch_size=batch_size, replicas=0, stage="screen")
     seconds["screen"] = time.perf_counter() - started
     ok = [row for row in screen if row.status == "ok"]
     selection = select(
@@ -94,7 +97,7 @@ def run_cascade(
     else:
         chosen = [item for item in items if item.image_id in selected]
         started = time.perf_counter()
-        rows = audit_rows(loaded, chosen, config, stage="confirm", batch_size=batch_size, slots=slots)
+        rows = audit(chosen, loaded, config, batch_size=batch_size, replicas=0, slots=slots, stage="confirm")
         seconds["stage2"] = time.perf_counter() - started
         stage2 = {row.image_id: row for row in rows}
     table = [
@@ -191,14 +194,6 @@ def report(name: str, labelled: list[Labelled], outcome: CascadeOutcome, utilisa
     return lines
 
 
-def truth_class(trained: bool, caption_rate: float | None) -> str:
-    """The demo benchmark's classes: positive (trained, its caption replicates it from at least half
-    of the noises), negative (never trained, or a rate of 0), borderline otherwise."""
-    if not trained or not caption_rate:
-        return "negative"
-    return "positive" if caption_rate >= 0.5 else "borderline"
-
-
 def demo_set(with_caption: bool) -> list[Labelled]:
     """The shipped demo set with its ground truth (memray/demo_assets/images)."""
     from memray.demo import read_demo_manifest, trained_demo_manifest
@@ -236,3 +231,62 @@ def laion_set(url: str, with_caption: bool) -> list[Labelled]:
             trained = row["split"] in ("planted", "normal")
             labelled.append(Labelled(item, truth_class(trained, row["truth_caption_rate"] if trained else 0.0)))
     return labelled
+
+
+SETTINGS = {"caption": True, "unknown": False}
+
+
+def main(argv=None) -> int:
+    """Print the benchmark's lines for every set and setting asked for (jobs/benchmark_cascade.py)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sets", nargs="+", choices=["demo", "laion"], default=["demo", "laion"])
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--laion", default="memray-out/laion-2000", help="folder of the LAION-shaped set")
+    parser.add_argument("--laion-images", type=int, default=2000)
+    parser.add_argument("--config", default=str(demo_audit_config()), help="the audit configuration (stage 2)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--calibration-rate", type=float, default=0.01)
+    parser.add_argument("--calibration-min", type=int, default=20)
+    parser.add_argument("--utilisation", type=float, default=0.4, help="assumed share of the H100's bf16 peak")
+    parser.add_argument("--threads", type=int)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = apply_overrides(load_config(args.config), args.set).replace(measures=["invmm", "uncond_replication"])
+    options = CascadeOptions(calibration_rate=args.calibration_rate, calibration_min=args.calibration_min)
+    loaded = load_model("demo")
+    print(
+        f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; config {config.hash()}"
+    )
+    print(f"screen {config.start_check}; stage 2 {config.measures}, InvMM {config.invmm.steps} steps; {options}")
+    if "laion" in args.sets and not (Path(args.laion) / "truth.parquet").exists():
+        write_laion_set(args.laion, args.laion_images)
+    for name in args.sets:
+        for setting in args.settings:
+            labelled = demo_set(SETTINGS[setting]) if name == "demo" else laion_set(args.laion, SETTINGS[setting])
+            items = [x.item for x in labelled]
+            setting_config = config.replace(invmm={"prompt_init": "caption" if SETTINGS[setting] else "zero"})
+            everyone = None
+            if name == "demo":
+                everyone = audit(items, loaded, setting_config, batch_size=16, replicas=0)
+                reference = setting_config.replace(verdict={"evidence": "all"})
+                verdicts = {
+                    label: [row.verdict for row in rows]
+                    for label, rows in (
+                        ("counting", everyone),
+                        ("all-K", audit(items, loaded, reference, batch_size=16, replicas=0)),
+                    )
+                }
+                for label, found in verdicts.items():
+                    counts = {
+                        cls: {
+                            v: sum(1 for x, f in zip(labelled, found) if x.truth == cls and f == v)
+                            for v in ("memorized", "inconclusive", "not_memorized")
+                        }
+                        for cls in ("positive", "borderline", "negative")
+                    }
+                    print(f"{name} / {setting}: InvMM on every image, {label} evidence: {counts}")
+            outcome = run_cascade(loaded, items, setting_config, options, everyone=everyone)
+            for line in report(f"{name} / {setting}", labelled, outcome, args.utilisation):
+                print(line, flush=True)
+    return 0

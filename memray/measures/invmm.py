@@ -42,40 +42,10 @@ from memray.measures import rng
 from memray.measures.optim import RowAdam
 from memray.measures.prompt_inversion import prompt_condition
 from memray.measures.replication import count_replicas, replication_check
+from memray.measures.settings import InvMMConfig
 from memray.measures.similarity import progress_to_bar
 from memray.measures.stats import kl_to_standard_normal, rate_lower_bound
 from memray.measures.z0_error import sampled_z0_error
-
-
-@dataclass(frozen=True)
-class InvMMConfig:
-    """InvMM settings; defaults are the reference values for SD 1.x/2.x (departures noted)."""
-
-    steps: int = 2000
-    lr: float = 0.1
-    samples_per_step: int = 16
-    temperature: float = 2.0
-    free_tokens: int | None = None  # None: every free slot (75 for SD)
-    kl_weight_init: float = 1.0
-    kl_weight_delta: float | None = None  # None: the model family's (1e-3 latent models, 1e-4 pixel DDPM)
-    check_every: int = 50
-    check_at_start: bool = True  # also check N(0, I) and the starting prompt before any step
-    improvement_tol: float = 1e-3
-    loss_window: int = 100
-    check_noises: int = 8
-    confirm_noises: int = 16  # fresh noises that count a replication found by counting (the verdict's evidence)
-    guidance_scales: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0)
-    sampling_steps: int = 50
-    prompt_init: str = "caption"  # "caption": start at the image's caption where it has one; "zero": the reference
-    prompt_init_weight: float = 0.9  # share of each slot's expected token mix on the caption's token at the start
-    prompt_lr: float | None = None  # Adam lr of the token logits; None: lr
-    aligned_start: bool = False  # check from z_T = forward(z0, eps) instead of eps (mixes the target into the start)
-    # The early stop (out_of_reach), calibrated on full-budget runs (docs/throughput.md); false: the reference
-    early_stop: bool = True
-    stop_after: int = 100  # it waits this many steps of the image's own
-    stop_progress: float = 0.25  # ... then stops an image whose checks covered less of the way from null to bar
-    gate_steps: int = 0  # > 0: a DDIM of this many steps on the first noise gates the full check (off: see docs)
-    gate_margin: float = 0.1  # the full check runs where the gate's similarity is within this of the bar
 
 
 @dataclass

@@ -16,21 +16,9 @@ import torch
 
 from memray.measures import rng
 from memray.measures.optim import RowAdam, cosine_lr
+from memray.measures.settings import NoiseInversionConfig
 from memray.measures.stats import kl_to_standard_normal, ks_normality_pvalues
 from memray.measures.z0_error import sampled_z0_error
-
-
-@dataclass(frozen=True)
-class NoiseInversionConfig:
-    """M2 settings (reference: Adam lr 0.1, 32 timesteps a step; 1000 steps plain, 500 regularised, cosine)."""
-
-    lr: float = 0.1
-    samples_per_step: int = 32
-    steps: int = 1000
-    regularized_steps: int = 500
-    ks_samples: int = 1000
-    regularized: bool = True
-    unregularized: bool = True
 
 
 @dataclass

@@ -20,32 +20,8 @@ import torch
 from memray.measures import rng
 from memray.measures.optim import RowAdam
 from memray.measures.replication import replication_check
+from memray.measures.settings import HardPromptConfig, SoftPromptConfig
 from memray.measures.z0_error import sampled_z0_error
-
-
-@dataclass(frozen=True)
-class SoftPromptConfig:
-    """M3 soft settings (reference: Adam lr 0.01, lambda 0.01, 16 samples a step, 500 steps, all 75 slots)."""
-
-    lr: float = 0.01
-    regularizer: str = "r2"  # "r1", "r2" or "none"
-    weight: float = 0.01
-    samples_per_step: int = 16
-    steps: int = 500
-    free_tokens: int | None = None  # None: every free slot of the text encoder (75 for SD)
-    init: str = "caption"  # "caption": start at the image's caption's tokens where it has one; "random": random tokens
-
-
-@dataclass(frozen=True)
-class HardPromptConfig:
-    """Algorithm 1 settings: a few tokens, top-k per position, up to 20 restarts."""
-
-    tokens: int = 3
-    top_k: int = 8
-    restarts: int = 20
-    test_samples: int = 8
-    steps: int = 500
-    run_for: str = "memorized"  # "memorized" (explain flagged images), "always" or "never"
 
 
 @dataclass

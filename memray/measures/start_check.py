@@ -27,17 +27,8 @@ import torch
 
 from memray.measures import rng
 from memray.measures.replication import sample_similarities
+from memray.measures.settings import StartCheckConfig
 from memray.measures.similarity import Targets
-
-
-@dataclass(frozen=True)
-class StartCheckConfig:
-    """Screen settings: counted noises, DDIM steps, guidance scales, and the progress that flags an image."""
-
-    noises: int = 3
-    steps: int = 8
-    guidance_scales: tuple[float, ...] = (3.0, 7.0)
-    flag_progress: float = 0.5  # progress at or above this sends the image to InvMM (benchmark: docs/laion.md)
 
 
 @dataclass

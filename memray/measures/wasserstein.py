@@ -21,16 +21,9 @@ import numpy as np
 import torch
 
 from memray.measures import rng
+from memray.measures.settings import WassersteinConfig
 from memray.measures.stats import wasserstein_1d
 from memray.measures.z0_error import z0_prediction_error
-
-
-@dataclass(frozen=True)
-class WassersteinConfig:
-    """M4 settings (reference: 1000 noises per distribution, 50 timesteps)."""
-
-    noises: int = 1000
-    timesteps: int = 50
 
 
 @dataclass

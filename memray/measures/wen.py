@@ -21,16 +21,7 @@ import numpy as np
 import torch
 
 from memray.measures import rng
-
-
-@dataclass(frozen=True)
-class WenConfig:
-    """Screen settings: generations per caption, steps measured, guidance of the trajectory."""
-
-    generations: int = 4
-    steps: int = 1
-    guidance: float = 7.5
-    sampling_steps: int = 50
+from memray.measures.settings import WenConfig
 
 
 @dataclass

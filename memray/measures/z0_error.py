@@ -7,17 +7,7 @@ so values compare across resolutions; the scale does not change any ranking or o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-
-
-@dataclass(frozen=True)
-class Z0ErrorConfig:
-    """M1 settings: how many noises and timesteps estimate the error of an image."""
-
-    timesteps: int = 50
-    noises: int = 16
 
 
 def squared_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from memray.config import PRECISIONS
 from memray.models.adapter import DiffusionAdapter, ModelCapabilityError, Prediction
 from memray.models.loading import (
     CheckpointError,
@@ -15,8 +16,6 @@ from memray.models.loading import (
     require_safe_weights,
     resolve_checkpoint,
 )
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -45,9 +44,7 @@ def load_model(
     from diffusers import SchedulerMixin
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    if PRECISIONS[precision] is not None and torch.device(device).type == "cpu":
+    if autocast_dtype(precision) is not None and torch.device(device).type == "cpu":
         raise ValueError(f"{precision} autocast is for GPUs; use precision='fp32' on CPU")
     path = resolve_checkpoint(ref, cache_dir=cache_dir)
     require_safe_weights(path, allow_pickle=allow_pickle)
@@ -56,10 +53,17 @@ def load_model(
         scheduler=_load_scheduler(path, SchedulerMixin),
         allow_pickle=allow_pickle,
         device=device,
-        autocast_dtype=PRECISIONS[precision],
+        autocast_dtype=autocast_dtype(precision),
     )
     fingerprint = model_fingerprint(path)
     return LoadedModel(adapter=adapter, ref=ref, slug=model_slug(ref, fingerprint), fingerprint=fingerprint)
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The dtype a precision (memray.config.PRECISIONS) autocasts the networks to; None for fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    return None if PRECISIONS[precision] is None else getattr(torch, PRECISIONS[precision])
 
 
 def adapter_classes() -> tuple[type[DiffusionAdapter], ...]:
