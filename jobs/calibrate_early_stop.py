@@ -95,7 +95,7 @@ def run_engine(loaded, records, config: AuditConfig, with_caption: bool, slots: 
 
     import torch
 
-    from memray.auditing.measures import Batch
+    from memray.auditing.run_measures import Batch
     from memray.auditing.runner import config_targets, model_null_bank
     from memray.auditing.verdict import decide
     from memray.catalog.schema import AuditRow

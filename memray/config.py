@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memray.auditing.measures import REGISTRY
+from memray.auditing.registry import REGISTRY
 from memray.errors import ConfigError
 from memray.measures.invmm import InvMMConfig
 from memray.measures.noise_inversion import NoiseInversionConfig
