@@ -470,7 +470,7 @@ def _off_or(cast):
 
 def add_policy_args(parser: argparse.ArgumentParser) -> None:
     """The ComparePolicy flags, shared by `memray compare` and jobs/nightly.py (every one takes `off`)."""
-    from memray.catalog.compare import ComparePolicy
+    from memray.catalog.policy import ComparePolicy
 
     default = ComparePolicy()
     group = parser.add_argument_group("policy (exit code 1 when violated)", "Every limit and threshold takes `off`.")
@@ -501,7 +501,7 @@ def add_policy_args(parser: argparse.ArgumentParser) -> None:
 
 def policy_from_args(args):
     """The ComparePolicy of the flags added by add_policy_args."""
-    from memray.catalog.compare import ComparePolicy
+    from memray.catalog.policy import ComparePolicy
 
     return ComparePolicy(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ComparePolicy)})
 

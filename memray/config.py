@@ -16,6 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from memray.auditing.registry import REGISTRY
 from memray.errors import ConfigError
 from memray.measures.settings import (
     HardPromptConfig,
@@ -28,20 +29,9 @@ from memray.measures.settings import (
     Z0ErrorConfig,
 )
 
-# The measures an audit can run, in the order they run, each with the measures it needs run before it.
-# How each runs and the columns it fills is memray.auditing.measures.REGISTRY (torch); they are named
-# here too, so that a configuration is checked without torch (tests/test_config.py: the two agree).
-MEASURE_NEEDS = {
-    "uncond_replication": (),
-    "invmm": (),
-    "start_check": (),
-    "z0_error": (),
-    "noise_inversion": (),
-    "prompt_inversion": (),
-    "wasserstein": ("prompt_inversion",),
-    "wen": (),
-    "hard_prompt": (),
-}
+# The measures an audit can run, in the order they run, each with the measures it needs run before it
+# (memray.auditing.registry, torch-free, so a configuration is checked without loading a model's libraries).
+MEASURE_NEEDS = {name: measure.needs for name, measure in REGISTRY.items()}
 MEASURES = tuple(MEASURE_NEEDS)
 V1_CHAIN = ("z0_error", "noise_inversion", "prompt_inversion", "wasserstein")
 # Precision: the name, and the torch dtype the networks autocast to (memray.models.autocast_dtype).

@@ -9,8 +9,6 @@ import logging
 import math
 import re
 
-import pyarrow as pa
-
 # What a terminal acts on instead of showing: C0 controls (ESC starts an escape sequence, BEL rings),
 # DEL, C1 controls (0x9b is a one-byte CSI), and the bidirectional overrides that reorder what is shown.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
@@ -93,7 +91,7 @@ def _text_value(value) -> str:
     return str(value)
 
 
-def format_table(table: pa.Table, fmt: str = "table", *, escape: bool = False) -> str:
+def format_table(table, fmt: str = "table", *, escape: bool = False) -> str:
     """A query result as text: `table` (aligned columns), `csv` (with header) or `json` (records).
 
     A table shows control characters escaped (it is for people); JSON escapes them anyway; CSV keeps
@@ -112,6 +110,8 @@ def format_table(table: pa.Table, fmt: str = "table", *, escape: bool = False) -
             writer.writerow(["" if r[n] is None else shown(str(r[n])) for n in names])
         return out.getvalue()
     if fmt == "table":
+        import pyarrow as pa  # only here: `memray --help` and the formatting of a number need no Arrow
+
         cells = [[printable(_text_value(r[n])) for n in names] for r in records]
         names = [printable(n) for n in names]
         numeric = [

@@ -13,7 +13,7 @@ import torch
 from conftest import png_bytes, tiny_budgets
 from PIL import Image
 
-from memray.auditing.measures import REGISTRY
+from memray.auditing.registry import REGISTRY
 from memray.auditing.runner import audit_batch, check_compatible, supported_measures
 from memray.auditing.verdict import decide
 from memray.catalog.schema import AuditRow

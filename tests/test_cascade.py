@@ -17,6 +17,7 @@ from memray.cli import main
 from memray.data.images import sha256_hex
 from memray.data.readers.located import read_located
 from memray.evaluation.laion import write_laion_set
+from memray.report.html import render_report
 
 pytest_plugins = ["s3server"]
 
@@ -125,3 +126,5 @@ def test_the_cascade_screens_every_image_confirms_the_selection_and_states_its_r
     requested = Catalog(catalog).query("SELECT image_id FROM audits WHERE selected_by = 'request'").column("image_id")
     assert set(requested.to_pylist()) == {r["image_id"] for r in cleared[:2]}
     assert cascade_summary(Catalog(catalog)).requested == 2
+    page = render_report(catalog)  # the report states the run's recall too
+    assert 'id="cascade"' in page and "screen recall" in page

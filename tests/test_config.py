@@ -12,7 +12,6 @@ import pytest
 from conftest import tiny_budgets, tiny_flags
 
 from memray.config import (
-    MEASURE_NEEDS,
     PRESETS,
     AuditConfig,
     ConfigError,
@@ -149,12 +148,6 @@ def test_the_test_flags_give_the_test_configuration():
     changes = {"measures": ["invmm", "z0_error"], "invmm": {"steps": 8, "guidance_scales": [1.0, 3.0]}}
     flags = tiny_flags(**changes)
     assert build_config(parser.parse_args(["--model", "m", *flags])) == tiny_budgets().replace(**changes)
-
-
-def test_the_configuration_names_the_registrys_measures_and_what_each_needs():
-    from memray.auditing.measures import REGISTRY
-
-    assert list(MEASURE_NEEDS.items()) == [(name, measure.needs) for name, measure in REGISTRY.items()]
 
 
 def test_the_configuration_loads_and_validates_without_torch():

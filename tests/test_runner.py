@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import png_bytes
+from conftest import png_bytes, tiny_budgets
 
 import memray
 from memray.auditing.runner import audit_batch, replica_samples
@@ -67,3 +67,28 @@ def test_replicas_come_from_the_images_inverted_distribution(tiny_sd):
     again, _ = replica_samples(tiny_sd, result, TINY, count=3)
     torch.testing.assert_close(samples, again)  # seeded by the image id: reproducible
     assert not torch.allclose(samples[0], samples[1])
+
+
+def test_a_measure_that_fills_a_column_it_does_not_declare_fails_loudly(tiny_sd, monkeypatch):
+    """A misspelt column is a fault of memray: the batch's images get an error row naming it, never a
+    row with the value silently dropped."""
+    from memray.auditing import run_measures
+
+    honest = run_measures.RUNS["z0_error"]
+
+    def misspelt(batch, images):
+        filled = honest(batch, images)
+        filled.columns["z0_eror"] = filled.columns.pop("z0_error")
+        return filled
+
+    monkeypatch.setitem(run_measures.RUNS, "z0_error", misspelt)
+    config = tiny_budgets().replace(measures=["z0_error"])
+    (audit,) = audit_batch(tiny_sd, [ImageInput("m", data=png_bytes(7))], config)
+    assert audit.row.status == "error" and "z0_eror" in audit.row.error and "does not declare" in audit.row.error
+
+
+def test_every_declared_column_is_a_catalog_column():
+    from memray.auditing.registry import REGISTRY
+    from memray.catalog.schema import COLUMNS
+
+    assert {c for m in REGISTRY.values() for c in m.columns} <= set(COLUMNS)

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from memray.auditing.measures import REGISTRY, Batch, Filled, value
+from memray.auditing.registry import REGISTRY
+from memray.auditing.run_measures import RUNS, Batch, Filled, value
 from memray.auditing.verdict import decide, invmm_rate_bound
 from memray.catalog.schema import AuditRow
 from memray.config import AuditConfig, ConfigError
@@ -102,8 +103,7 @@ def audit_batch(
     started = time.perf_counter()
     inputs = [_image_input(item) for item in items]
     audits = [ImageAudit(row=_identity_row(inp, loaded, config, run_id, stage)) for inp in inputs]
-    in_flight = slots
-    pixels, slots = [], []
+    pixels, decoded = [], []  # the model inputs, and the indices of the images they are
     for i, inp in enumerate(inputs):
         try:
             data = inp.data
@@ -120,14 +120,14 @@ def audit_batch(
             audits[i].row.width, audits[i].row.height = image.size
             audits[i].row.phash = perceptual_hash(image)
             pixels.append(to_model_tensor(image, model.resolution, allow_upscale=config.images.allow_upscale))
-            slots.append(i)
+            decoded.append(i)
         except ImageDecodeError as exc:
             _fail(audits[i].row, str(exc))
     model_seconds = 0.0  # the model null, the first time this model and config are audited: no image's time
-    with model.counter.scope(len(slots)) as tally:
-        if slots:
+    with model.counter.scope(len(decoded)) as tally:
+        if decoded:
             chain = _MeasureChain(
-                model, config, [inputs[i] for i in slots], [audits[i] for i in slots], progress, slots=in_flight
+                model, config, [inputs[i] for i in decoded], [audits[i] for i in decoded], progress, slots=slots
             )
             try:
                 bank_started = time.perf_counter()
@@ -135,9 +135,9 @@ def audit_batch(
                 model_seconds = time.perf_counter() - bank_started
                 chain.run(torch.stack(pixels).to(model.device), bank)
             except Exception as exc:  # a fault of the batch (out of memory, a bug): record it, keep the job alive
-                log.exception("audit of batch %s failed", [inputs[i].image_id for i in slots])
+                log.exception("audit of batch %s failed", [inputs[i].image_id for i in decoded])
                 chain.fail(list(chain.alive), f"batch failed: {type(exc).__name__}: {exc}")
-    _finish_costs([a.row for a in audits], tally, time.perf_counter() - started - model_seconds, slots)
+    _finish_costs([a.row for a in audits], tally, time.perf_counter() - started - model_seconds, decoded)
     if replicas:
         for a in audits:
             if a.row.status == "ok" and a.row.invmm_replicated:
@@ -277,13 +277,13 @@ def _fail(row: AuditRow, message: str) -> None:
     row.status, row.error = "error", message
 
 
-def _finish_costs(rows, counter, seconds: float, slots) -> None:
+def _finish_costs(rows, counter, seconds: float, decoded: list[int]) -> None:
     """Evaluation counts per image (a Tally of the batch); wall time split in proportion to them."""
-    total = int(counter.forwards.sum() + counter.backwards.sum()) if slots else 0
-    for k, i in enumerate(slots):
+    total = int(counter.forwards.sum() + counter.backwards.sum()) if decoded else 0
+    for k, i in enumerate(decoded):
         rows[i].unet_forwards = int(counter.forwards[k])
         rows[i].unet_backwards = int(counter.backwards[k])
-        share = (counter.forwards[k] + counter.backwards[k]) / total if total else 1 / len(slots)
+        share = (counter.forwards[k] + counter.backwards[k]) / total if total else 1 / len(decoded)
         rows[i].seconds = float(seconds * share)
     for row in rows:
         if row.seconds is None:
@@ -291,7 +291,7 @@ def _finish_costs(rows, counter, seconds: float, slots) -> None:
 
 
 class _MeasureChain:
-    """Runs the configured measures (measures.REGISTRY) on the decoded images of one batch, image errors isolated."""
+    """Runs the configured measures (registry.REGISTRY) on the decoded images of one batch, image errors isolated."""
 
     def __init__(self, model, config: AuditConfig, inputs, audits, progress, *, slots: int | None = None):
         self.model, self.config, self.audits, self.progress = model, config, audits, progress
@@ -300,13 +300,13 @@ class _MeasureChain:
         self.measures = [REGISTRY[name] for name in REGISTRY if name in supported_measures(config, model)]
         self.alive = list(range(len(inputs)))
 
-    def fail(self, slots, message: str) -> None:
-        for s in slots:
+    def fail(self, images: list[int], message: str) -> None:
+        for s in images:
             _fail(self.audits[s].row, message)
-        self.alive = [s for s in self.alive if s not in set(slots)]
+        self.alive = [s for s in self.alive if s not in set(images)]
 
-    def drop_nonfinite(self, slots, finite, what: str) -> None:
-        bad = [s for s, ok in zip(slots, finite) if not ok]
+    def drop_nonfinite(self, images: list[int], finite, what: str) -> None:
+        bad = [s for s, ok in zip(images, finite) if not ok]
         if bad:
             self.fail(bad, f"non-finite values during {what}; the optimisation diverged for this image")
 
@@ -336,7 +336,7 @@ class _MeasureChain:
             alive = list(self.alive)  # a chunk's failures leave the later chunks as they are
             chunk = self.slots if self.slots and not measure.slotted else max(len(alive), 1)
             for start in range(0, len(alive), chunk):
-                self.apply(measure, measure.run(batch, alive[start : start + chunk]), batch)
+                self.apply(measure, RUNS[measure.name](batch, alive[start : start + chunk]), batch)
         if not any(m.after_verdict for m in self.measures):
             self.decide()
 
@@ -352,17 +352,22 @@ class _MeasureChain:
         self.drop_nonfinite(list(self.alive), finite[self.alive].tolist(), "the replication bar")
 
     def apply(self, measure, filled: Filled, batch: Batch) -> None:
-        """Write a measure's columns and arrays into its images' rows; its non-finite images become errors."""
+        """Write a measure's columns and arrays into its images' rows; its non-finite images become errors.
+
+        A column the measure does not declare (registry.py) is a fault of memray, raised, never dropped."""
+        undeclared = sorted(set(filled.columns) - set(measure.columns))
+        if undeclared:
+            raise KeyError(f"{measure.name} filled columns it does not declare: {undeclared}")
         for column, values in filled.columns.items():
-            for s, v in zip(filled.slots, values):
+            for s, v in zip(filled.images, values):
                 setattr(self.audits[s].row, column, v)
         for name, values in filled.arrays.items():
-            for s, v in zip(filled.slots, values):
+            for s, v in zip(filled.images, values):
                 setattr(self.audits[s], name, v)
         if filled.handover is not None:
             batch.handovers.setdefault(measure.name, {}).update(filled.handover)
         if filled.finite is not None:
-            self.drop_nonfinite(filled.slots, filled.finite, measure.label)
+            self.drop_nonfinite(filled.images, filled.finite, measure.label)
 
     def decide(self) -> None:
         for s in self.alive:

@@ -13,13 +13,16 @@ from __future__ import annotations
 import datetime as dt
 import json
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from memray.cascade.recall import RecallEstimate, Stratum, screen_recall
-from memray.cascade.selection import Selection
 from memray.catalog.files import open_fs, parquet_bytes, put_atomic
+
+if TYPE_CHECKING:  # the recall's statistics load scipy: only a summary needs them, not every query
+    from memray.cascade.recall import RecallEstimate
+    from memray.cascade.selection import Selection
 
 SELECTION_VERSION = 1
 SELECTION_FOLDER = "cascade"
@@ -206,6 +209,8 @@ def cascade_summary(catalog, *, model: str | None = None, run_id: str | None = N
 
 def summarize(run_id: str, model: str, rows: list[dict], confidence: float) -> CascadeSummary:
     """Count a run's selection rows, each with its confirmed verdict (None: not confirmed) and how it was."""
+    from memray.cascade.recall import Stratum, screen_recall
+
     flagged = [r for r in rows if r["flagged"]]
     cleared = [r for r in rows if not r["flagged"]]
     calibration = [r for r in cleared if r["selected_by"] == "calibration"]

@@ -15,8 +15,10 @@ import html
 import os
 import re
 
-from memray.catalog.compare import ComparePolicy, Comparison, compare_models
+from memray.catalog.cascade import cascade_summary
+from memray.catalog.compare import Comparison, compare_models
 from memray.catalog.files import write_bytes
+from memray.catalog.policy import ComparePolicy
 from memray.catalog.reader import Catalog
 from memray.catalog.report_queries import ReportData, report_data
 from memray.errors import CatalogQueryError
@@ -170,6 +172,25 @@ def _summary(data: ReportData, models: list[dict]) -> _Html:
         _Html("<h3>Errors</h3>"),
         _Html(error_part),
     )
+
+
+def _cascade(summaries: list) -> _Html:
+    """Per model with a cascade run: what the screen flagged, what stage 2 confirmed, and the recall."""
+    if not summaries:
+        return _section(
+            "cascade", "Cascade", _p("No cascade ran on these models (every image got the full chain).", "muted")
+        )
+    table = _table(
+        ["model", "run", "screened", "flagged", "confirmed", "calibration sample", "memorized (screen / calibration / request)"],
+        [
+            [c.model, c.run_id, c.screened, c.flagged, c.flagged_confirmed,
+             f"{c.calibration_confirmed} of {c.cleared} cleared",
+             f"{c.memorized_by_screen} / {c.memorized_in_calibration} / {c.memorized_on_request}"]
+            for c in summaries
+        ],
+    )  # fmt: skip
+    statements = "".join(_p(f"{c.model}: screen {c.recall.statement()}") for c in summaries)
+    return _section("cascade", "Cascade", table, _Html(statements))
 
 
 def _value_range(values: list[float]) -> tuple[float, float] | None:
@@ -391,6 +412,7 @@ def render_report(
         f'<a href="#{anchor}">{label}</a>'
         for anchor, label in [
             ("summary", "Summary"),
+            ("cascade", "Cascade"),
             ("distributions", "Distributions"),
             ("memorized", "Most memorized"),
             ("error-distributions", "Error distributions"),
@@ -406,6 +428,7 @@ def render_report(
         f"<header><h1>memray report</h1><p>catalog {_e(catalog.url)} · generated {stamp}</p><nav>{nav}</nav></header>"
         "<main>"
         + _summary(data, shown)
+        + _cascade([c for c in (cascade_summary(catalog, model=m["model"]) for m in shown) if c is not None])
         + _distributions(data, shown)
         + _memorized(data)
         + _error_distributions(data)
