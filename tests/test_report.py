@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_nightly import load_job
 
+from memray import nightly
 from memray.catalog.schema import AuditRow
 from memray.catalog.writer import CatalogWriter
 from memray.cli import main
@@ -27,7 +27,7 @@ pytest_plugins = ["s3server"]
 OLD, NEW = "ckpt-001", "ckpt-002"
 SCRIPT = "<script>alert(1)</script>"
 IMG = '"><img src=x onerror=alert(1)>'
-SECTIONS = ("summary", "distributions", "memorized", "error-distributions", "changes")
+SECTIONS = ("summary", "cascade", "distributions", "memorized", "error-distributions", "changes")
 CHROMIUM = "/usr/bin/chromium"
 
 
@@ -201,7 +201,7 @@ def write_report_text(catalog, out) -> str:
 def test_report_and_nightly_summary_go_to_object_storage(catalog, s3_bucket):
     url = f"s3://{s3_bucket}/reports/nightly.html"
     assert write_report(catalog, url) == url
-    load_job().write_summary(f"s3://{s3_bucket}/reports/nightly.json", {"passed": True})
+    nightly.write_summary(f"s3://{s3_bucket}/reports/nightly.json", {"passed": True})
     fs = fsspec.filesystem("s3")
     assert fs.cat_file(f"{s3_bucket}/reports/nightly.html").startswith(b"<!DOCTYPE html>")
     assert json.loads(fs.cat_file(f"{s3_bucket}/reports/nightly.json")) == {"passed": True}
