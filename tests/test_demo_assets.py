@@ -75,13 +75,29 @@ def test_memray_demo_audits_a_sample_of_every_group_and_prints_the_truth_next_to
     assert main(["demo", "--out", str(tmp_path / "out"), "--per-group", "1", "--config", str(config)]) == 0
     printed = capsys.readouterr().out.splitlines()
     groups = sorted({demo_group(record) for record in MANIFEST})
-    header, *rows = printed[-len(groups) - 1 :]
-    assert header.split()[:2] == ["image_id", "verdict"] and header.split()[-1] == "truth"
+    start = next(i for i, line in enumerate(printed) if line.split()[:2] == ["image_id", "verdict"])
+    header, rows, summary = (
+        printed[start],
+        printed[start + 1 : start + 1 + len(groups)],
+        printed[start + 1 + len(groups) :],
+    )
+    assert header.split()[-1] == "truth" and "stage" in header.split()
     assert sorted(next(g for g in groups if f" {g} (" in row) for row in rows) == groups
     assert all("caption " in row and "empty " in row for row in rows)  # the graded truth
+    assert any("cascade run" in line for line in summary) and any("screen recall" in line for line in summary)
     (counts,) = (
         Catalog(str(tmp_path / "out" / "catalog"))
-        .query("SELECT count(*) AS n, count(DISTINCT image_id) AS ids, min(status) AS status FROM audits")
+        .query(
+            "SELECT count(*) AS n, count(DISTINCT image_id) AS ids, min(status) AS status,"
+            " count(*) FILTER (WHERE stage = 'confirm') AS confirmed FROM audits"
+        )
         .to_pylist()
     )
-    assert counts == {"n": len(groups), "ids": len(groups), "status": "ok"}
+    # every image screened once, and those the cascade chose (at least the calibration minimum) confirmed once
+    assert counts == {
+        "n": len(groups) + counts["confirmed"],
+        "ids": len(groups),
+        "status": "ok",
+        "confirmed": counts["confirmed"],
+    }
+    assert counts["confirmed"] >= 2

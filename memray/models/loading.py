@@ -225,6 +225,10 @@ def load_component(path: Path, name: str, cls, *, allow_pickle: bool, dtype: tor
     # (False would make diffusers skip safetensors and fail on a safetensors-only folder.)
     safetensors_policy = None if allow_pickle else True
     dtype_kwargs = {"dtype": dtype} if dtype is not None else {}
+    # transformers draws a bar per tensor loaded into every actor's log; memray shows its own progress
+    from transformers.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
     model = cls.from_pretrained(folder, local_files_only=True, use_safetensors=safetensors_policy, **dtype_kwargs)
     model.eval()
     model.requires_grad_(False)
