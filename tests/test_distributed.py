@@ -13,7 +13,8 @@ from conftest import png_bytes, tiny_budgets, tiny_flags
 from s3server import s3_environment
 
 from memray.catalog.reader import Catalog
-from memray.distributed.pipeline import PipelineOptions, run_audit
+from memray.catalog.schema import AuditRow, rows_to_table
+from memray.distributed.pipeline import PipelineOptions, ProgressLog, run_audit
 
 pytestmark = pytest.mark.slow
 pytest_plugins = ["s3server"]
@@ -104,3 +105,18 @@ def test_shards_in_s3_to_a_catalog_in_s3(local_ray, tiny_sd_dir, tmp_path, s3_bu
     assert fs.glob(f"{s3_bucket}/memray-catalog/model=*/*.parquet")
     table = Catalog(catalog).query("SELECT image_id, invmm_replicated FROM latest WHERE image_id = '00000.tar/k0'")
     assert table.num_rows == 1
+
+
+def test_a_log_gets_each_progress_line_once_and_the_final_line_when_it_is_new():
+    log = io.StringIO()
+    progress = ProgressLog(total=3, every_seconds=0.0, stream=log)
+    rows = rows_to_table([AuditRow(image_id="a", status="ok"), AuditRow(image_id="b", status="error")])
+    progress.update(rows)  # printed: the interval is over
+    progress.print(final=True)  # nothing new: not printed again
+    progress.update(rows_to_table([AuditRow(image_id="c", status="ok")]))
+    progress.every = 3600.0
+    progress.update(rows_to_table([]))  # inside the interval: not printed
+    progress.print(final=True)
+    lines = log.getvalue().splitlines()
+    assert [line.split(" images")[0] for line in lines] == ["audited 2/3", "audited 3/3"]
+    assert "(1 errors)" in lines[0]

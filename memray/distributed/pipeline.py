@@ -198,6 +198,7 @@ class ProgressLog:
         self.total, self.every = total, 1.0 if self.tty else every_seconds
         self.verb = verb
         self.done = self.errors = 0
+        self.shown = -1  # images done when the last line was printed
         self.started = self.last = time.monotonic()
 
     def update(self, rows: pa.Table) -> None:
@@ -209,7 +210,9 @@ class ProgressLog:
 
     def print(self, *, final: bool = False) -> None:
         """Print the current line (`final`: the last one, which a terminal keeps)."""
-        self.last = time.monotonic()
+        if final and not self.tty and self.shown == self.done:
+            return  # a log has this line already
+        self.last, self.shown = time.monotonic(), self.done
         elapsed = self.last - self.started
         rate = self.done / elapsed * 3600 if elapsed > 0 else 0.0
         if self.total:
