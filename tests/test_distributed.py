@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -104,3 +107,23 @@ def test_shards_in_s3_to_a_catalog_in_s3(local_ray, tiny_sd_dir, tmp_path, s3_bu
     assert fs.glob(f"{s3_bucket}/memray-catalog/model=*/*.parquet")
     table = Catalog(catalog).query("SELECT image_id, invmm_replicated FROM latest WHERE image_id = '00000.tar/k0'")
     assert table.num_rows == 1
+
+
+def test_an_audit_prints_no_warning_from_ray_about_its_actors(tiny_sd_dir, tmp_path):
+    """Ray Data's own actor pool passes its actors' constructor arguments through the object store, and
+    Ray's core worker warned of it on every run (ray-project/ray#53727): the auditors take theirs inline."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(2):
+        (folder / f"img{i}.png").write_bytes(png_bytes(300 + i))
+    catalog = tmp_path / "catalog"
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}  # a private local Ray
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", "memray.cli", "audit", str(folder), "--model", str(tiny_sd_dir),
+               "--catalog", str(catalog), "--cpus-per-actor", "0.5", "--slots", "1", "--queue", "1",
+               *SMALL_FLAGS]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert sorted(rows_by_id(str(catalog))) == ["img0.png", "img1.png"]
+    assert "constructor arguments in the object store" not in output, output[-3000:]
