@@ -585,10 +585,13 @@ def _audited_rows(
     )
     args = (model_ref, config.to_json(), run_id, options, sink.journal, stage)
     actors = [auditor.remote(*args) for _ in range(options.actors)]
+    blocks = _blocks(dataset)
     try:
-        yield from _audit_blocks(ray, actors, _blocks(dataset), options.max_failed_batches)
+        yield from _audit_blocks(ray, actors, blocks, options.max_failed_batches)
     finally:
-        for actor in actors:  # nothing keeps auditing once the stage stops, on a cluster that outlives it too
+        # Nothing keeps reading or auditing once the stage stops, on a cluster that outlives it too.
+        blocks.close()  # Ray Data's executor shuts down with its iterator
+        for actor in actors:
             ray.kill(actor)
 
 
