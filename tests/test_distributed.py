@@ -14,7 +14,7 @@ from s3server import s3_environment
 
 from memray.catalog.reader import Catalog
 from memray.catalog.schema import AuditRow, rows_to_table
-from memray.distributed.pipeline import PipelineOptions, ProgressLog, run_audit
+from memray.distributed.pipeline import PipelineOptions, ProgressLog, _calls, run_audit
 
 pytestmark = pytest.mark.slow
 pytest_plugins = ["s3server"]
@@ -120,3 +120,14 @@ def test_a_log_gets_each_progress_line_once_and_the_final_line_when_it_is_new():
     lines = log.getvalue().splitlines()
     assert [line.split(" images")[0] for line in lines] == ["audited 2/3", "audited 3/3"]
     assert "(1 errors)" in lines[0]
+
+
+@pytest.mark.slow
+def test_short_blocks_are_gathered_into_calls_that_fill_the_slots(local_ray):
+    import ray
+
+    dataset = ray.data.from_items([{"i": i} for i in range(10)], override_num_blocks=5)  # five blocks of two
+    calls = list(_calls(dataset, 3))
+    held = [[row["i"] for ref in refs for row in ray.get(ref).to_pylist()] for _, refs in calls]
+    assert [len(images) for images in held] == [4, 4, 2]  # no call smaller than 3 but the last
+    assert sorted(i for images in held for i in images) == list(range(10))

@@ -32,7 +32,7 @@ pytest_plugins = ["s3server"]
 IMAGES = 4
 TRIALS = 5
 CONFIG = tiny_budgets().replace(measures=["invmm", "z0_error"], invmm={"steps": 20})
-# One actor per node (Ray Data spreads them), half a CPU each so the read tasks never starve;
+# One actor per node (the pool spreads them), half a CPU each so the read tasks never starve;
 # a row file per image, so the kill can wait for a given number of rows.
 OPTIONS = PipelineOptions(actors=2, slots=1, queue=1, cpus_per_actor=0.5, rows_per_file=1)
 RERUN = dataclasses.replace(OPTIONS, actors=1)  # the head alone is left: one actor does
@@ -82,7 +82,7 @@ class _RayletKiller(threading.Thread):
         actors: list[psutil.Process] = []
         while not self.stop.wait(0.2):
             with contextlib.suppress(psutil.Error):
-                actors = [p for p in self.raylet.children() if "MapWorker" in " ".join(p.cmdline())]
+                actors = [p for p in self.raylet.children() if "Auditor" in " ".join(p.cmdline())]
             fs.invalidate_cache()
             in_flight = fs.glob(f"{self.catalog}/_inflight/*/*.json")
             if actors and in_flight and len(fs.glob(f"{self.catalog}/model=*/*.parquet")) >= self.rows:

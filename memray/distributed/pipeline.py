@@ -66,7 +66,7 @@ class PipelineOptions:
     allow_pickle: bool = False
     retry_errors: bool = False  # audit again images whose last row is an error
     # An image whose worker died this often while auditing it becomes an error row (CrashJournal).
-    # Ray Data restarts a dead actor and retries its call without limit: the journal is what ends
+    # Ray restarts a dead auditor and retries its call without limit: the journal is what ends
     # the retries of a poison image (one death with its batch, one alone, then an error row).
     max_worker_deaths: int = 2
     max_failed_batches: int = 64  # a batch that fails past its retries is skipped (and reported)
@@ -100,7 +100,7 @@ class PipelineError(ConfigError):
 
 
 class Auditor:
-    """Ray actor: loads the model once, maps a batch of source records to catalog rows."""
+    """Ray actor: loads the model once, maps blocks of source records to catalog rows."""
 
     def __init__(
         self, model_ref: str, config_json: str, run_id: str, options: PipelineOptions, journal: CrashJournal, stage: str
@@ -117,8 +117,14 @@ class Auditor:
         self.stage = stage
         self.slots = options.stage_slots(stage)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        inputs = [ImageInput(**record) for record in batch.to_pylist()]
+    def audit_blocks(self, parts: list, *blocks: pa.Table) -> pa.Table:
+        """The catalog rows of blocks of source records (`parts`: the slice of each that is this call's, or None)."""
+        records = [
+            record
+            for block, part in zip(blocks, parts)
+            for record in (block if part is None else block.slice(part.start_offset, part.num_rows)).to_pylist()
+        ]
+        inputs = [ImageInput(**record) for record in records]
         deaths = {_key(inp): self.journal.deaths(_key(inp)) for inp in inputs}
         if any(deaths.values()):
             # A worker died on this batch before: one image at a time, so a death points at one image.
@@ -499,7 +505,7 @@ def _run_stage(
     *,
     stage: str = "full",
 ) -> tuple[AuditSummary, set[Key]]:
-    """One pass of Ray Data over `units` into the catalog; (its summary, every image key it held)."""
+    """One pass over `units` into the catalog; (its summary, every image key it held)."""
     from memray.models.loading import model_slug
 
     started = time.monotonic()
@@ -520,10 +526,12 @@ def _run_stage(
         # bytes' hash): with anything audited already, the total to audit is not known beforehand.
         total = None if None in counts or done else sum(counts)
         log.info("run %s: %d units, %s images to audit, %d audited before", run_id, len(units), total, len(done))
-        rows = _audited_rows(units, done, sink, model_ref, config, options, run_id, stage)
         progress = ProgressLog(total, verb=_VERBS[stage])
-        for table in rows.iter_batches(batch_size=None, batch_format="pyarrow"):
-            progress.update(sink.write(table))
+        # closing: a stop here (Ctrl-C, SIGTERM, a failed write) kills the auditors at once, not when
+        # the traceback that holds the generator is freed.
+        with contextlib.closing(_audited_rows(units, done, sink, model_ref, config, options, run_id, stage)) as rows:
+            for table in rows:
+                progress.update(sink.write(table))
     except BaseException:
         sink.failed()  # the rows received are written; the lease and the ledger go
         raise
@@ -553,28 +561,100 @@ def _audited_rows(
     options: PipelineOptions,
     run_id: str,
     stage: str,
-):
-    """The Ray Data plan of a stage: read tasks (one per unit, recording to the sink's ledger), then an actor
-    pool auditing blocks of slots x queue images; its batches are the catalog rows, as they are audited."""
+) -> Iterator[pa.Table]:
+    """A stage's catalog rows, as they are audited: Ray Data read tasks (one per unit, recording to the sink's
+    ledger) cut the records into blocks of slots x queue images, and a pool of Auditor actors audits them."""
     import ray
 
     gpus = options.gpus_per_actor
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     _check_resources(ray, options, gpus)
+    # A read task that fails past its retries loses only its unit (the ledger reports it unfinished).
     ray.data.DataContext.get_current().max_errored_blocks = options.max_failed_batches
     dataset = ray.data.from_items([_unit_row(unit) for unit in units])
     dataset = dataset.flat_map(functools.partial(_read_records, skip=done, ledger=sink.ledger))
-    # One block per actor call: rows stream out as each call finishes (not when a whole shard has),
+    # Calls of slots x queue images: rows stream out as each call finishes (not when a whole shard has),
     # and a call that fails past its retries loses only itself.
     call_size = options.stage_slots(stage) * options.queue
     dataset = dataset.repartition(target_num_rows_per_block=call_size)
-    return dataset.map_batches(
-        Auditor,
-        fn_constructor_args=(model_ref, config.to_json(), run_id, options, sink.journal, stage),
-        batch_size=call_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=options.actors),
-        num_gpus=gpus,
+    # memray's own pool rather than Ray Data's (map_batches with an ActorPoolStrategy): Ray Data passes
+    # its actors' constructor arguments through the object store, where a restart cannot count on them
+    # (ray-project/ray#53727, warned of on every run). These are small values, passed inline. Like Ray
+    # Data's, an actor that dies is restarted and its calls retried; SPREAD puts them on distinct nodes.
+    auditor = ray.remote(Auditor).options(
         num_cpus=options.cpus_per_actor,
+        num_gpus=gpus,
+        max_restarts=-1,
+        max_task_retries=-1,
+        scheduling_strategy="SPREAD",
     )
+    args = (model_ref, config.to_json(), run_id, options, sink.journal, stage)
+    actors = [auditor.remote(*args) for _ in range(options.actors)]
+    calls = _calls(dataset, call_size)
+    try:
+        yield from _audit_calls(ray, actors, calls, options.max_failed_batches)
+    finally:
+        # Nothing keeps reading or auditing once the stage stops, on a cluster that outlives it too.
+        calls.close()  # Ray Data's executor shuts down with its iterator
+        for actor in actors:
+            ray.kill(actor)
+
+
+def _calls(dataset, call_size: int) -> Iterator[tuple[list, list]]:
+    """The dataset's blocks as they are read, gathered into calls of at least `call_size` images (repartition
+    leaves each unit's last block short, and a folder of images is a unit per file): (the slice of each
+    block that is the call's, the blocks' object refs)."""
+    parts, refs, images = [], [], 0
+    for bundle in dataset.iter_internal_ref_bundles():
+        for entry, part in zip(bundle.blocks, bundle.slices):
+            parts.append(part)
+            refs.append(entry.ref)
+            images += entry.metadata.num_rows if part is None else part.num_rows
+            if images >= call_size:
+                yield parts, refs
+                parts, refs, images = [], [], 0
+    if refs:
+        yield parts, refs
+
+
+CALLS_PER_ACTOR = 2  # one running, one waiting: an actor never idles between calls, and no block waits long
+
+
+def _audit_calls(ray, actors: list, calls: Iterator[tuple[list, list]], max_failed: int) -> Iterator[pa.Table]:
+    """Each call audited by the least loaded live actor, at most CALLS_PER_ACTOR calls on each; the rows in
+    the order the calls finish. A call that fails for good loses its images only (they stay without rows:
+    reported as unfinished, a rerun audits them) until more than `max_failed` calls have."""
+    running: dict = {}  # a call's result ref -> its actor's index
+    load = [0] * len(actors)
+    live = set(range(len(actors)))
+    failed, exhausted = 0, False
+    while True:
+        # Pulling a call waits for the read tasks: only when an actor has room for it (backpressure).
+        while not exhausted and live and min(load[i] for i in live) < CALLS_PER_ACTOR:
+            call = next(calls, None)
+            if call is None:
+                exhausted = True
+                break
+            parts, refs = call
+            actor = min(live, key=load.__getitem__)
+            running[actors[actor].audit_blocks.remote(parts, *refs)] = actor  # refs as arguments: resolved there
+            load[actor] += 1
+        if not running:
+            return
+        [ref], _ = ray.wait(list(running), num_returns=1)
+        actor = running.pop(ref)
+        load[actor] -= 1
+        try:
+            rows = ray.get(ref)
+        except ray.exceptions.RayError as error:  # the Auditor raised, a block was lost, the actor is gone
+            failed += 1
+            if isinstance(error, ray.exceptions.ActorDiedError):
+                live.discard(actor)  # dead for good (its constructor raised): no more calls for it
+            log.warning("a call of images failed (%d so far, at most %d): %s", failed, max_failed, error)
+            if failed > max_failed:
+                raise RuntimeError(f"{failed} calls of images failed, more than {max_failed}") from error
+            if not live:
+                raise RuntimeError("every auditor actor died") from error
+            continue
+        yield rows
