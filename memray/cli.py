@@ -581,7 +581,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("demo", help="the main job on the embedded demo model and images")
     p.add_argument("--out", default="memray-out", help="where the demo images and the catalog go")
     p.add_argument(
-        "--per-group", type=int, default=2, help="images from each group (every planted level, normal, held-out)"
+        "--per-group", type=int, default=1, help="images from each group (every planted level, normal, held-out, hard)"
     )
     p.add_argument("--all", action="store_true", help="the whole demo set")
     p.add_argument("--config", help="an audit configuration instead of the demo's (memray/demo_assets/audit.toml)")

@@ -135,9 +135,9 @@ def test_presets_are_files_and_keep_their_hashes():
 def test_a_preset_file_may_start_from_another_preset():
     smoke, quick = preset_config("smoke"), preset_config("quick")
     assert smoke.invmm.steps == 4 and smoke.invmm.confirm_noises == quick.invmm.confirm_noises == 4
-    demo, cpu = load_config(demo_audit_config()), preset_config("cpu")  # the cpu preset, cheaper prompt measures
+    demo, cpu = load_config(demo_audit_config()), preset_config("cpu")  # the cpu preset, the verdict's measures
     assert demo.invmm == dataclasses.replace(cpu.invmm, confirm_noises=4) and demo.similarity == cpu.similarity
-    assert (demo.prompt_inversion.steps, demo.wasserstein.noises) == (50, 32)
+    assert demo.measures == ("invmm", "uncond_replication", "wen") and demo.wen.generations == 2
 
 
 def test_the_test_flags_give_the_test_configuration():

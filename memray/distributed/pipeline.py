@@ -99,52 +99,61 @@ class PipelineError(ConfigError):
     """Pipeline options or a cluster that cannot run the audit, found before any work starts."""
 
 
-class Auditor:
-    """Ray actor: loads the model once, maps blocks of source records to catalog rows."""
+@dataclass(frozen=True)
+class StageCall:
+    """What a call carries besides its images: the stage's configuration, run and crash journal. Small values,
+    sent with every call, so an actor restarted mid-stage needs nothing it was told before."""
 
-    def __init__(
-        self, model_ref: str, config_json: str, run_id: str, options: PipelineOptions, journal: CrashJournal, stage: str
-    ):
+    config_json: str
+    run_id: str
+    stage: str
+    journal: CrashJournal
+
+
+class Auditor:
+    """Ray actor: loads the model once, maps blocks of source records to catalog rows. A cascade's stages share
+    it, so the model (and its null bank, drawn once per configuration of it) is loaded once per session."""
+
+    def __init__(self, model_ref: str, precision: str, options: PipelineOptions):
         from memray.models import load_model
 
-        self.config = from_dict(json.loads(config_json))
         self.loaded = load_model(
-            model_ref, device=options.device, precision=self.config.precision, allow_pickle=options.allow_pickle
+            model_ref, device=options.device, precision=precision, allow_pickle=options.allow_pickle
         )
-        self.run_id = run_id
-        self.journal = journal
-        self.max_worker_deaths = options.max_worker_deaths
-        self.stage = stage
-        self.slots = options.stage_slots(stage)
+        self.options = options
+        self.configs: dict[str, AuditConfig] = {}  # by their JSON: each stage's, parsed once
 
-    def audit_blocks(self, parts: list, *blocks: pa.Table) -> pa.Table:
+    def audit_blocks(self, call: StageCall, parts: list, *blocks: pa.Table) -> pa.Table:
         """The catalog rows of blocks of source records (`parts`: the slice of each that is this call's, or None)."""
+        if call.config_json not in self.configs:
+            self.configs[call.config_json] = from_dict(json.loads(call.config_json))
         records = [
             record
             for block, part in zip(blocks, parts)
             for record in (block if part is None else block.slice(part.start_offset, part.num_rows)).to_pylist()
         ]
         inputs = [ImageInput(**record) for record in records]
-        deaths = {_key(inp): self.journal.deaths(_key(inp)) for inp in inputs}
+        deaths = {_key(inp): call.journal.deaths(_key(inp)) for inp in inputs}
         if any(deaths.values()):
             # A worker died on this batch before: one image at a time, so a death points at one image.
-            rows = [row for inp in inputs for row in self._audit([inp], deaths)]
+            rows = [row for inp in inputs for row in self._audit(call, [inp], deaths)]
         else:
-            rows = self._audit(inputs, deaths)
+            rows = self._audit(call, inputs, deaths)
         return rows_to_table(rows)
 
-    def _audit(self, inputs: list[ImageInput], deaths: dict) -> list[AuditRow]:
+    def _audit(self, call: StageCall, inputs: list[ImageInput], deaths: dict) -> list[AuditRow]:
         for inp in inputs:
-            if deaths[_key(inp)] >= self.max_worker_deaths:
+            if deaths[_key(inp)] >= self.options.max_worker_deaths:
                 inp.error = (
                     f"the worker died {deaths[_key(inp)]} times while auditing this image (out of memory, "
                     "or a crash in native code); not retried"
                 )
             else:
-                self.journal.mark(_key(inp), deaths[_key(inp)])
-        audits = audit_batch(self.loaded, inputs, self.config, run_id=self.run_id, slots=self.slots, stage=self.stage)
+                call.journal.mark(_key(inp), deaths[_key(inp)])
+        config, slots = self.configs[call.config_json], self.options.stage_slots(call.stage)
+        audits = audit_batch(self.loaded, inputs, config, run_id=call.run_id, slots=slots, stage=call.stage)
         for inp in inputs:
-            self.journal.unmark(_key(inp))
+            call.journal.unmark(_key(inp))
         return [a.row for a in audits]
 
 
@@ -292,8 +301,8 @@ def run_audit(
     """Audit every image of `sources` with `model_ref`, appending rows to the catalog at `catalog_url`."""
     _, fingerprint = preflight(model_ref, catalog_url, config, options)
     units = _list_sources(sources, options)
-    with _ray_session(options):
-        summary, _ = _run_stage(units, model_ref, fingerprint, catalog_url, config, options)
+    with _ray_session(options) as auditors:
+        summary, _ = _run_stage(units, model_ref, fingerprint, catalog_url, config, options, auditors)
     return summary
 
 
@@ -342,9 +351,9 @@ def run_cascade(
     units = _list_sources(sources, options)
     allowed = _located_prefixes(units, options)
     slug = model_slug(model_ref, fingerprint)
-    with _ray_session(options):
+    with _ray_session(options) as auditors:
         screened, population = _run_stage(
-            units, model_ref, fingerprint, catalog_url, screen_config, options, stage="screen"
+            units, model_ref, fingerprint, catalog_url, screen_config, options, auditors, stage="screen"
         )
         rows = screened_rows(Catalog(catalog_url), fingerprint, screen_config.hash(), population)
         selection = select([_screened(row) for row in rows], cascade, config.seed)
@@ -367,7 +376,7 @@ def run_cascade(
                 for s in selection
                 if s.selected_by is not None
             ]
-            confirmed = confirm_located(chosen, model_ref, fingerprint, catalog_url, config, options, allowed)
+            confirmed = confirm_located(chosen, model_ref, fingerprint, catalog_url, config, options, allowed, auditors)
     summary = cascade_summary(Catalog(catalog_url), model=slug, run_id=screened.run_id, confidence=cascade.confidence)
     return CascadeRun(screened, confirmed, path, summary)
 
@@ -380,13 +389,14 @@ def confirm_located(
     config: AuditConfig,
     options: PipelineOptions,
     allowed: tuple[str, ...],
+    auditors: AuditorPools,
     *,
     chunk: int = 64,
 ) -> AuditSummary:
     """Stage 2: the full chain on images located by their screen rows (read again in one ranged read
-    each, inside `allowed`), in the order given; Ray must be running (_ray_session)."""
+    each, inside `allowed`), in the order given, by the session's auditors (_ray_session)."""
     units = Located().units(located, allowed, chunk=chunk)
-    summary, _ = _run_stage(units, model_ref, fingerprint, catalog_url, config, options, stage="confirm")
+    summary, _ = _run_stage(units, model_ref, fingerprint, catalog_url, config, options, auditors, stage="confirm")
     return summary
 
 
@@ -433,8 +443,8 @@ def run_confirm(
             if (top is not None and k < top) or (threshold is not None and progress(row) >= threshold)
         ]
     allowed = tuple(allowed) + tuple(options.allow_uri_prefixes)
-    with _ray_session(options):
-        confirmed = confirm_located(chosen, model_ref, fingerprint, catalog_url, config, options, allowed)
+    with _ray_session(options) as auditors:
+        confirmed = confirm_located(chosen, model_ref, fingerprint, catalog_url, config, options, allowed, auditors)
     return confirmed, cascade_summary(Catalog(catalog_url), model=slug, run_id=run_id, confidence=confidence)
 
 
@@ -484,12 +494,51 @@ def _ray_session(options: PipelineOptions):
         context.enable_progress_bars = context.print_on_execution_start = False
         for name in ("ray", "ray.data"):  # ray.data's logger does not propagate to ray's
             logging.getLogger(name).setLevel(logging.ERROR)
+    auditors = AuditorPools(options)
     try:
         with _sigterm_stops_like_ctrl_c():  # after ray.init, which installs its own handler
-            yield
+            yield auditors
     finally:
+        auditors.close()  # on a cluster that outlives the session too, nothing keeps auditing
         if started:
             ray.shutdown()
+
+
+class AuditorPools:
+    """A session's Auditor actors, one pool per (model, precision, GPUs per actor): a cascade's stages share
+    it. Like Ray Data's pools, an actor that dies is restarted and its calls retried; SPREAD puts the
+    actors on distinct nodes. memray's own pool rather than Ray Data's (map_batches with an
+    ActorPoolStrategy), which passes its actors' constructor arguments through the object store, where a
+    restart cannot count on them (ray-project/ray#53727, warned of on every run): these are passed inline."""
+
+    def __init__(self, options: PipelineOptions):
+        self.options = options
+        self.pools: dict[tuple, list] = {}
+
+    def actors(self, model_ref: str, precision: str, gpus: float) -> list:
+        """The pool's actors, started on first use."""
+        import ray
+
+        key = (model_ref, precision, gpus)
+        if key not in self.pools:
+            auditor = ray.remote(Auditor).options(
+                num_cpus=self.options.cpus_per_actor,
+                num_gpus=gpus,
+                max_restarts=-1,
+                max_task_retries=-1,
+                scheduling_strategy="SPREAD",
+            )
+            self.pools[key] = [auditor.remote(model_ref, precision, self.options) for _ in range(self.options.actors)]
+        return self.pools[key]
+
+    def close(self) -> None:
+        """End every actor of the session."""
+        import ray
+
+        for actors in self.pools.values():
+            for actor in actors:
+                ray.kill(actor)
+        self.pools.clear()
 
 
 _VERBS = {"full": "audited", "screen": "screened", "confirm": "confirmed"}
@@ -502,6 +551,7 @@ def _run_stage(
     catalog_url: str,
     config: AuditConfig,
     options: PipelineOptions,
+    auditors: AuditorPools,
     *,
     stage: str = "full",
 ) -> tuple[AuditSummary, set[Key]]:
@@ -529,7 +579,9 @@ def _run_stage(
         progress = ProgressLog(total, verb=_VERBS[stage])
         # closing: a stop here (Ctrl-C, SIGTERM, a failed write) kills the auditors at once, not when
         # the traceback that holds the generator is freed.
-        with contextlib.closing(_audited_rows(units, done, sink, model_ref, config, options, run_id, stage)) as rows:
+        with contextlib.closing(
+            _audited_rows(units, done, sink, model_ref, config, options, auditors, run_id, stage)
+        ) as rows:
             for table in rows:
                 progress.update(sink.write(table))
     except BaseException:
@@ -559,6 +611,7 @@ def _audited_rows(
     model_ref: str,
     config: AuditConfig,
     options: PipelineOptions,
+    auditors: AuditorPools,
     run_id: str,
     stage: str,
 ) -> Iterator[pa.Table]:
@@ -578,27 +631,13 @@ def _audited_rows(
     # and a call that fails past its retries loses only itself.
     call_size = options.stage_slots(stage) * options.queue
     dataset = dataset.repartition(target_num_rows_per_block=call_size)
-    # memray's own pool rather than Ray Data's (map_batches with an ActorPoolStrategy): Ray Data passes
-    # its actors' constructor arguments through the object store, where a restart cannot count on them
-    # (ray-project/ray#53727, warned of on every run). These are small values, passed inline. Like Ray
-    # Data's, an actor that dies is restarted and its calls retried; SPREAD puts them on distinct nodes.
-    auditor = ray.remote(Auditor).options(
-        num_cpus=options.cpus_per_actor,
-        num_gpus=gpus,
-        max_restarts=-1,
-        max_task_retries=-1,
-        scheduling_strategy="SPREAD",
-    )
-    args = (model_ref, config.to_json(), run_id, options, sink.journal, stage)
-    actors = [auditor.remote(*args) for _ in range(options.actors)]
+    actors = auditors.actors(model_ref, config.precision, gpus)
+    call = StageCall(config.to_json(), run_id, stage, sink.journal)
     calls = _calls(dataset, call_size)
     try:
-        yield from _audit_calls(ray, actors, calls, options.max_failed_batches)
+        yield from _audit_calls(ray, actors, call, calls, options.max_failed_batches)
     finally:
-        # Nothing keeps reading or auditing once the stage stops, on a cluster that outlives it too.
         calls.close()  # Ray Data's executor shuts down with its iterator
-        for actor in actors:
-            ray.kill(actor)
 
 
 def _calls(dataset, call_size: int) -> Iterator[tuple[list, list]]:
@@ -621,7 +660,9 @@ def _calls(dataset, call_size: int) -> Iterator[tuple[list, list]]:
 CALLS_PER_ACTOR = 2  # one running, one waiting: an actor never idles between calls, and no block waits long
 
 
-def _audit_calls(ray, actors: list, calls: Iterator[tuple[list, list]], max_failed: int) -> Iterator[pa.Table]:
+def _audit_calls(
+    ray, actors: list, call: StageCall, calls: Iterator[tuple[list, list]], max_failed: int
+) -> Iterator[pa.Table]:
     """Each call audited by the least loaded live actor, at most CALLS_PER_ACTOR calls on each; the rows in
     the order the calls finish. A call that fails for good loses its images only (they stay without rows:
     reported as unfinished, a rerun audits them) until more than `max_failed` calls have."""
@@ -632,13 +673,13 @@ def _audit_calls(ray, actors: list, calls: Iterator[tuple[list, list]], max_fail
     while True:
         # Pulling a call waits for the read tasks: only when an actor has room for it (backpressure).
         while not exhausted and live and min(load[i] for i in live) < CALLS_PER_ACTOR:
-            call = next(calls, None)
-            if call is None:
+            images = next(calls, None)
+            if images is None:
                 exhausted = True
                 break
-            parts, refs = call
+            parts, refs = images
             actor = min(live, key=load.__getitem__)
-            running[actors[actor].audit_blocks.remote(parts, *refs)] = actor  # refs as arguments: resolved there
+            running[actors[actor].audit_blocks.remote(call, parts, *refs)] = actor  # refs as arguments: resolved there
             load[actor] += 1
         if not running:
             return
