@@ -192,12 +192,20 @@ def _sigterm_stops_like_ctrl_c():
         yield
         return
 
+    received = []
+
     def stop(signum, frame):
+        received.append(signum)
         raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         yield
+    except KeyboardInterrupt as interrupt:
+        # Ray's waits (ray.wait, ray.get) turn whatever a signal handler raises into a KeyboardInterrupt.
+        if received and not isinstance(interrupt, Terminated):
+            raise Terminated() from interrupt
+        raise
     finally:
         # Ray's handler was installed from C (getsignal gives None): the default takes its place.
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
@@ -499,9 +507,10 @@ def _ray_session(options: PipelineOptions):
         with _sigterm_stops_like_ctrl_c():  # after ray.init, which installs its own handler
             yield auditors
     finally:
-        auditors.close()  # on a cluster that outlives the session too, nothing keeps auditing
         if started:
-            ray.shutdown()
+            ray.shutdown()  # the private Ray and its actors, in-flight calls and all
+        else:
+            auditors.close()  # on a cluster that outlives the session too, nothing keeps auditing
 
 
 class AuditorPools:
@@ -667,6 +676,21 @@ def _audit_calls(
     the order the calls finish. A call that fails for good loses its images only (they stay without rows:
     reported as unfinished, a rerun audits them) until more than `max_failed` calls have."""
     running: dict = {}  # a call's result ref -> its actor's index
+    try:
+        yield from _dispatch(ray, actors, call, calls, max_failed, running)
+    finally:
+        # A stage that stops early (Ctrl-C, SIGTERM, too many failures) cancels its calls, so no actor
+        # keeps auditing, and no call is retried or reported as lost when Ray shuts down.
+        for ref in running:
+            ray.cancel(ref)
+        if running:
+            ray.wait(list(running), num_returns=len(running), timeout=10)
+
+
+def _dispatch(
+    ray, actors: list, call: StageCall, calls: Iterator, max_failed: int, running: dict
+) -> Iterator[pa.Table]:
+    """_audit_calls' loop; `running` holds the calls in flight, which the caller cancels if the loop stops."""
     load = [0] * len(actors)
     live = set(range(len(actors)))
     failed, exhausted = 0, False
