@@ -50,10 +50,12 @@ H100_BF16_PEAK_TFLOPS = 989.0
 
 @dataclass
 class Labelled:
-    """An image of a benchmark set: its input and its ground truth ("positive", "negative", "borderline")."""
+    """An image of a benchmark set: its input, its ground truth ("positive", "negative", "borderline") and whether
+    it was trained on at all (a trained image whose caption never replicates it is a negative too)."""
 
     item: ImageInput
     truth: str
+    trained: bool
 
 
 @dataclass
@@ -134,6 +136,7 @@ def report(name: str, labelled: list[Labelled], outcome: CascadeOutcome, utilisa
     """The benchmark's lines for one set and setting: cost, selection, recall against the truth and
     against InvMM on every image, the recall estimate and whether it covers the truth."""
     truth = {x.item.image_id: x.truth for x in labelled}
+    never_trained = {x.item.image_id for x in labelled if not x.trained}
     ok = [row for row in outcome.screen if row.status == "ok"]
     n = len(ok)
     screen_f, screen_b = evaluations(ok)
@@ -153,7 +156,8 @@ def report(name: str, labelled: list[Labelled], outcome: CascadeOutcome, utilisa
         f"  truth: positives flagged {len(positives & flagged)}/{len(positives)}, judged memorized "
         f"{len(positives & found)}/{len(positives)}; borderline flagged "
         f"{len({i for i, t in truth.items() if t == 'borderline'} & flagged)}; "
-        f"negatives judged memorized {sum(truth.get(i) == 'negative' for i in memorized)}"
+        f"negatives judged memorized {sum(truth.get(i) == 'negative' for i in memorized)} "
+        f"(never trained: {len(memorized & never_trained)} of {len(never_trained)})"
     )
     total_f, total_b = screen_f + stage2_f, screen_b + stage2_b
     if outcome.everyone is not None:
@@ -207,6 +211,7 @@ def demo_set(with_caption: bool) -> list[Labelled]:
                 caption=(record["caption"] or None) if with_caption else None,
             ),
             truth_class(record["duplicates"] > 0, record["truth_caption_rate"]),
+            record["duplicates"] > 0,
         )
         for record in read_demo_manifest(manifest)
     ]
@@ -229,7 +234,9 @@ def laion_set(url: str, with_caption: bool) -> list[Labelled]:
             if not with_caption:
                 item.caption = None
             trained = row["split"] in ("planted", "normal")
-            labelled.append(Labelled(item, truth_class(trained, row["truth_caption_rate"] if trained else 0.0)))
+            labelled.append(
+                Labelled(item, truth_class(trained, row["truth_caption_rate"] if trained else 0.0), trained)
+            )
     return labelled
 
 
