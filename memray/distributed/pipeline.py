@@ -2,14 +2,15 @@
 
 The only module that imports ray. Reading runs in Ray tasks, one per unit (an image file, a
 webdataset shard, an img2dataset parquet, a manifest, or a chunk of images located by their
-catalog rows: memray.data.readers); auditing runs in an actor pool whose actors each hold one
-loaded model; the driver streams result rows into the catalog's sink as they arrive
+catalog rows: memray.data.readers); auditing runs in memray's own pool of Auditor actors, each
+holding one loaded model for the whole session (AuditorPools); the driver hands them the read
+blocks, gathered into calls of slots x queue images, and streams result rows into the catalog's sink as they arrive
 (memray.distributed.sink: the lease, the ledger, the writer). A crash loses at most the rows still
 buffered, and a rerun finishes the work: resume skips every image that already has a row for the
 same model fingerprint and config hash.
 
-A cascade (run_cascade) is two such stages: the screens on every image, then, once every image is
-screened, the selection (memray.cascade.selection) and the full chain on the selected images, each
+A cascade (run_cascade) is two such stages on the same actors: the screens on every image, then,
+once every image is screened, the selection (memray.cascade.selection) and the full chain on the selected images, each
 read again by one ranged read from where the screen found it (memray.data.readers.located).
 """
 
