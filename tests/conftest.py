@@ -39,6 +39,16 @@ def tiny_flags(**changes) -> list[str]:
     return flags
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for a module's in-process runs (test_distributed's reaches its loopback S3 server)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory):
     """A tiny epsilon-prediction Stable Diffusion checkpoint directory."""

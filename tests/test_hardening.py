@@ -32,15 +32,6 @@ from memray.models.loading import CheckpointError, model_slug, require_safe_weig
 TINY = tiny_flags(measures=["z0_error"])
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 # -- 1. an unwritable catalog, and a green run without rows -----------------------------------------
 
 

@@ -468,15 +468,6 @@ def test_object_storage_without_credentials_is_one_line_and_exit_2(tmp_path, s3_
 # -- 8, 14. one row per image in a run; `skipped` counts this run's input only ----------------------
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_an_image_listed_twice_gets_one_row_and_skipped_counts_only_this_runs_images(local_ray, tiny_sd_dir, tmp_path):
     from memray.models.loading import model_fingerprint, model_slug

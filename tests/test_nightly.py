@@ -49,16 +49,6 @@ def test_no_checkpoint_under_the_prefix_is_a_usage_error(tmp_path, capsys):
     assert "no checkpoint folder" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray for the in-process runs; actors take half a CPU so read tasks never starve."""
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_nightly_audits_the_newest_checkpoint_compares_and_gates(local_ray, tmp_path, capsys):
     prefix, protected, catalog = tmp_path / "ckpts", tmp_path / "protected", tmp_path / "catalog"
