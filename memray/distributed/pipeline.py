@@ -677,8 +677,39 @@ def _audit_calls(
     the order the calls finish. A call that fails for good loses its images only (they stay without rows:
     reported as unfinished, a rerun audits them) until more than `max_failed` calls have."""
     running: dict = {}  # a call's result ref -> its actor's index
+    load = [0] * len(actors)
+    live = set(range(len(actors)))
+    failed, exhausted = 0, False
     try:
-        yield from _dispatch(ray, actors, call, calls, max_failed, running)
+        while True:
+            # Pulling a call waits for the read tasks: only when an actor has room for it (backpressure).
+            while not exhausted and live and min(load[i] for i in live) < CALLS_PER_ACTOR:
+                images = next(calls, None)
+                if images is None:
+                    exhausted = True
+                    break
+                parts, refs = images
+                actor = min(live, key=load.__getitem__)
+                running[actors[actor].audit_blocks.remote(call, parts, *refs)] = actor  # refs: resolved there
+                load[actor] += 1
+            if not running:
+                return
+            [ref], _ = ray.wait(list(running), num_returns=1)
+            actor = running.pop(ref)
+            load[actor] -= 1
+            try:
+                rows = ray.get(ref)
+            except ray.exceptions.RayError as error:  # the Auditor raised, a block was lost, the actor is gone
+                failed += 1
+                if isinstance(error, ray.exceptions.ActorDiedError):
+                    live.discard(actor)  # dead for good (its constructor raised): no more calls for it
+                log.warning("a call of images failed (%d so far, at most %d): %s", failed, max_failed, error)
+                if failed > max_failed:
+                    raise RuntimeError(f"{failed} calls of images failed, more than {max_failed}") from error
+                if not live:
+                    raise RuntimeError("every auditor actor died") from error
+                continue
+            yield rows
     finally:
         # A stage that stops early (Ctrl-C, SIGTERM, too many failures) cancels its calls, so no actor
         # keeps auditing, and no call is retried or reported as lost when Ray shuts down.
@@ -686,41 +717,3 @@ def _audit_calls(
             ray.cancel(ref)
         if running:
             ray.wait(list(running), num_returns=len(running), timeout=10)
-
-
-def _dispatch(
-    ray, actors: list, call: StageCall, calls: Iterator, max_failed: int, running: dict
-) -> Iterator[pa.Table]:
-    """_audit_calls' loop; `running` holds the calls in flight, which the caller cancels if the loop stops."""
-    load = [0] * len(actors)
-    live = set(range(len(actors)))
-    failed, exhausted = 0, False
-    while True:
-        # Pulling a call waits for the read tasks: only when an actor has room for it (backpressure).
-        while not exhausted and live and min(load[i] for i in live) < CALLS_PER_ACTOR:
-            images = next(calls, None)
-            if images is None:
-                exhausted = True
-                break
-            parts, refs = images
-            actor = min(live, key=load.__getitem__)
-            running[actors[actor].audit_blocks.remote(call, parts, *refs)] = actor  # refs as arguments: resolved there
-            load[actor] += 1
-        if not running:
-            return
-        [ref], _ = ray.wait(list(running), num_returns=1)
-        actor = running.pop(ref)
-        load[actor] -= 1
-        try:
-            rows = ray.get(ref)
-        except ray.exceptions.RayError as error:  # the Auditor raised, a block was lost, the actor is gone
-            failed += 1
-            if isinstance(error, ray.exceptions.ActorDiedError):
-                live.discard(actor)  # dead for good (its constructor raised): no more calls for it
-            log.warning("a call of images failed (%d so far, at most %d): %s", failed, max_failed, error)
-            if failed > max_failed:
-                raise RuntimeError(f"{failed} calls of images failed, more than {max_failed}") from error
-            if not live:
-                raise RuntimeError("every auditor actor died") from error
-            continue
-        yield rows
