@@ -61,7 +61,12 @@ def count_images(unit: Unit) -> int | None:
     img2dataset parquet) and located images (their rows); None for tar shards, which only a full
     read can count, and for a file that cannot be read.
     """
-    return reader_of(unit).count(unit)
+    try:
+        return reader_of(unit).count(unit)
+    except MemoryError:
+        raise
+    except Exception:  # noqa: BLE001 - a count is a courtesy; reading the unit reports the damage
+        return None
 
 
 # ----------------------------------------------------------------------------------------------

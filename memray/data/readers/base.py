@@ -69,7 +69,8 @@ class Reader:
         raise NotImplementedError(f"{type(self).__name__} reads nothing")
 
     def count(self, unit: Unit) -> int | None:
-        """How many records `read` yields, where that is known without reading any image (None: only reading tells)."""
+        """How many records `read` yields, where that is known without reading any image (None: only reading
+        tells). It may raise on a damaged unit: the count is then unknown (sources.count_images)."""
         return None
 
     def prefixes(self, unit: Unit) -> tuple[str, ...]:

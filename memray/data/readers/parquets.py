@@ -46,18 +46,13 @@ class ImageParquets(Reader):
 
     def count(self, unit: Unit) -> int | None:
         """The footer's row count, or the rows of `status == "success"` of an img2dataset parquet."""
-        try:
-            with fsspec.open(unit.uri, "rb") as handle:
-                parquet = pq.ParquetFile(handle)
-                status_col = column(parquet.schema_arrow.names, ("status",))
-                if status_col is None:
-                    return parquet.metadata.num_rows
-                statuses = parquet.read(columns=[status_col]).column(status_col)
-                return sum(1 for status in statuses.to_pylist() if status == "success")
-        except MemoryError:
-            raise
-        except Exception:  # noqa: BLE001 - a count is a courtesy; read reports the damage
-            return None
+        with fsspec.open(unit.uri, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            status_col = column(parquet.schema_arrow.names, ("status",))
+            if status_col is None:
+                return parquet.metadata.num_rows
+            statuses = parquet.read(columns=[status_col]).column(status_col)
+            return sum(1 for status in statuses.to_pylist() if status == "success")
 
     def read(self, unit: Unit) -> Iterator[dict]:
         """The rows' images in file order, streamed a few rows at a time; a damaged file ends in one error record."""
