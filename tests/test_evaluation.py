@@ -8,9 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import pyarrow.parquet as pq
+
+from memray.catalog.schema import AuditRow
 from memray.demo import read_demo_manifest, trained_demo_manifest
 from memray.evaluation import early_stop
+from memray.evaluation.cascade import CascadeOutcome, laion_set, seen_by_negatives, write_rows
 from memray.evaluation.demo_benchmark import classes
+from memray.evaluation.laion import read_truth, write_laion_set
 from memray.measures.invmm import TRACE_COLUMNS
 
 TRACES = str(Path(__file__).resolve().parents[1] / "jobs" / "calibration" / "demo-traces-300-steps.json")
@@ -26,6 +31,37 @@ def test_the_demo_set_has_the_documented_classes():
     positive, negative, borderline = classes(read_demo_manifest(trained_demo_manifest()))
     assert (positive.sum(), negative.sum()) == (4, 41)  # docs/demo-model.md
     assert borderline == ["planted-x1024-0023", "planted-x6144-0028"]
+
+
+def test_the_laion_shaped_set_labels_each_image_with_what_training_did_with_it_and_keeps_rows_with_it(tmp_path):
+    write_laion_set(str(tmp_path / "set"), 64, shard_size=32, copies=2)
+    truth = {row["key"]: row for row in read_truth(str(tmp_path / "set"))}
+    labelled = laion_set(str(tmp_path / "set"), with_caption=True)
+    assert len(labelled) == 60  # 64 rows less 4 failed downloads (the 2 truncated JPEGs fail when decoded)
+    for x in labelled:
+        row = truth[x.item.image_id.rsplit("/", 1)[-1]]
+        assert x.split == row["split"]
+        if row["split"] == "planted":
+            assert x.copies == row["duplicates"] > 0
+        elif row["split"] == "normal":
+            assert 1 <= x.copies <= 4 and x.truth == "negative"
+        else:  # held-out scenes and hard negatives were never trained on
+            assert x.copies == 0 and not x.trained and x.truth == "negative"
+
+    normal = [x for x in labelled if x.split == "normal"]
+    memorized = {x.item.image_id for x in normal[:3]} | {next(x.item.image_id for x in labelled if not x.trained)}
+    once = sum(x.copies == 1 for x in normal[:3])
+    assert seen_by_negatives(labelled, memorized).startswith(f"; trained: {once} seen once" if once else "; trained: ")
+    assert seen_by_negatives(labelled, set()) == ""
+
+    screened = [AuditRow(x.item.image_id, stage="screen") for x in labelled]
+    confirmed = {labelled[0].item.image_id: AuditRow(labelled[0].item.image_id, stage="confirm", verdict="memorized")}
+    outcome = CascadeOutcome(screened, {labelled[0].item.image_id: "calibration"}, confirmed, None, None, {})
+    write_rows(tmp_path / "rows.parquet", labelled, outcome)
+    kept = pq.read_table(tmp_path / "rows.parquet").to_pylist()
+    assert len(kept) == len(labelled) + 1
+    assert kept[-1]["selected_by"] == "calibration" and kept[-1]["truth_split"] == labelled[0].split
+    assert [r["truth_copies"] for r in kept[:-1]] == [x.copies for x in labelled]
 
 
 def test_analyze_reproduces_the_calibration_of_the_default_early_stop(traces, capsys):

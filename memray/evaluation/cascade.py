@@ -21,13 +21,16 @@ GPU-hours per million images for Stable Diffusion 1.5 from its FLOPs per evaluat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from memray.auditing.runner import audit
@@ -50,12 +53,18 @@ H100_BF16_PEAK_TFLOPS = 989.0
 
 @dataclass
 class Labelled:
-    """An image of a benchmark set: its input, its ground truth ("positive", "negative", "borderline") and whether
-    it was trained on at all (a trained image whose caption never replicates it is a negative too)."""
+    """An image of a benchmark set: its input, its ground truth ("positive", "negative", "borderline"), what the
+    training did with it (`split`: planted, normal, heldout or hard) and how many times it was seen (a trained
+    image whose caption never replicates it is a negative too)."""
 
     item: ImageInput
     truth: str
-    trained: bool
+    split: str
+    copies: int
+
+    @property
+    def trained(self) -> bool:
+        return self.copies > 0
 
 
 @dataclass
@@ -157,7 +166,7 @@ def report(name: str, labelled: list[Labelled], outcome: CascadeOutcome, utilisa
         f"{len(positives & found)}/{len(positives)}; borderline flagged "
         f"{len({i for i, t in truth.items() if t == 'borderline'} & flagged)}; "
         f"negatives judged memorized {sum(truth.get(i) == 'negative' for i in memorized)} "
-        f"(never trained: {len(memorized & never_trained)} of {len(never_trained)})"
+        f"(never trained: {len(memorized & never_trained)} of {len(never_trained)}{seen_by_negatives(labelled, memorized)})"
     )
     total_f, total_b = screen_f + stage2_f, screen_b + stage2_b
     if outcome.everyone is not None:
@@ -198,6 +207,32 @@ def report(name: str, labelled: list[Labelled], outcome: CascadeOutcome, utilisa
     return lines
 
 
+def seen_by_negatives(labelled: list[Labelled], memorized: set[str]) -> str:
+    """How often the trained negatives judged memorized were seen in training: "; trained: 2 seen once, 1 seen 3x"."""
+    seen = Counter(x.copies for x in labelled if x.trained and x.truth == "negative" and x.item.image_id in memorized)
+    parts = [f"{n} seen {'once' if copies == 1 else f'{copies}x'}" for copies, n in sorted(seen.items())]
+    return f"; trained: {', '.join(parts)}" if parts else ""
+
+
+def write_rows(path: Path, labelled: list[Labelled], outcome: CascadeOutcome) -> None:
+    """Every row of one cascade (its screen rows, then its stage-2 rows marked with why they were selected, in the
+    catalog schema) with each image's truth."""
+    from memray.catalog.files import write_parquet
+    from memray.catalog.schema import rows_to_table
+
+    by_id = {x.item.image_id: x for x in labelled}
+    confirmed = [dataclasses.replace(row, selected_by=outcome.selected[i]) for i, row in outcome.stage2.items()]
+    rows = outcome.screen + confirmed
+    table = rows_to_table(rows)
+    for name, values in (
+        ("truth", [by_id[r.image_id].truth for r in rows]),
+        ("truth_split", [by_id[r.image_id].split for r in rows]),
+        ("truth_copies", [by_id[r.image_id].copies for r in rows]),
+    ):
+        table = table.append_column(name, pa.array(values))
+    write_parquet(table, path)
+
+
 def demo_set(with_caption: bool) -> list[Labelled]:
     """The shipped demo set with its ground truth (memray/demo_assets/images)."""
     from memray.demo import read_demo_manifest, trained_demo_manifest
@@ -211,7 +246,8 @@ def demo_set(with_caption: bool) -> list[Labelled]:
                 caption=(record["caption"] or None) if with_caption else None,
             ),
             truth_class(record["duplicates"] > 0, record["truth_caption_rate"]),
-            record["duplicates"] > 0,
+            record["split"],
+            record["duplicates"],
         )
         for record in read_demo_manifest(manifest)
     ]
@@ -221,9 +257,10 @@ def laion_set(url: str, with_caption: bool) -> list[Labelled]:
     """A set written by evaluation.laion.write_laion_set, read through memray's own shard reader;
     normal training images (unmeasured) count as negatives, as the demo set's all measure 0."""
     from memray.data.sources import list_units, read_unit
-    from memray.evaluation.laion import read_truth
+    from memray.evaluation.laion import read_truth, training_copies
 
     truth = {row["key"]: row for row in read_truth(url)}
+    copies = training_copies()
     labelled = []
     for unit in list_units(f"{url.rstrip('/')}/*.tar"):
         for record in read_unit(unit):
@@ -233,9 +270,9 @@ def laion_set(url: str, with_caption: bool) -> list[Labelled]:
             item = ImageInput(**record)
             if not with_caption:
                 item.caption = None
-            trained = row["split"] in ("planted", "normal")
+            seen = copies.get(row["source_id"], 0)
             labelled.append(
-                Labelled(item, truth_class(trained, row["truth_caption_rate"] if trained else 0.0), trained)
+                Labelled(item, truth_class(seen > 0, row["truth_caption_rate"] if seen else 0.0), row["split"], seen)
             )
     return labelled
 
@@ -256,6 +293,7 @@ def main(argv=None) -> int:
     parser.add_argument("--calibration-min", type=int, default=20)
     parser.add_argument("--utilisation", type=float, default=0.4, help="assumed share of the H100's bf16 peak")
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--rows", help="folder to keep every row in, with its truth: {set}-{setting}.parquet")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -296,4 +334,6 @@ def main(argv=None) -> int:
             outcome = run_cascade(loaded, items, setting_config, options, everyone=everyone)
             for line in report(f"{name} / {setting}", labelled, outcome, args.utilisation):
                 print(line, flush=True)
+            if args.rows:
+                write_rows(Path(args.rows) / f"{name}-{setting}.parquet", labelled, outcome)
     return 0

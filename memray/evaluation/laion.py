@@ -64,10 +64,20 @@ def _demo_image(record: dict) -> Image.Image:
     return Image.open(trained_demo_manifest().parent / record["uri"]).convert("RGB")
 
 
+def _train_index() -> list[dict]:
+    """The demo model's training set: id, split, caption and copies of every distinct image."""
+    with gzip.open(DEMO_ASSETS / "train_index.jsonl.gz", "rt") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def training_copies() -> dict[str, int]:
+    """How many times the demo model saw each training image, by demo id (absent: never)."""
+    return {row["id"]: row["copies"] for row in _train_index()}
+
+
 def _normal_training_items(count: int, rng: random.Random) -> list[LaionItem]:
     """`count` distinct normal training images with the captions they were trained under."""
-    with gzip.open(DEMO_ASSETS / "train_index.jsonl.gz", "rt") as handle:
-        normal = [json.loads(line) for line in handle if '"split": "normal"' in line]
+    normal = [row for row in _train_index() if row["split"] == "normal"]
     chosen = rng.sample(normal, count)
     items = []
     for row in chosen:
