@@ -1,4 +1,4 @@
-"""The evaluation library on what ships with it: the demo set's classes and the early stop's calibration traces."""
+"""The evaluation library on what ships with it: the demo set's classes, the LAION-shaped set's labels and the early stop's calibration traces."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
-
 import pyarrow.parquet as pq
+import pytest
 
 from memray.catalog.schema import AuditRow
 from memray.demo import read_demo_manifest, trained_demo_manifest
