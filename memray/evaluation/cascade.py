@@ -37,9 +37,8 @@ from memray.auditing.runner import audit
 from memray.cascade.selection import CascadeOptions, Screened, select
 from memray.catalog.cascade import CascadeSummary, summarize
 from memray.catalog.schema import AuditRow
-from memray.config import AuditConfig, apply_overrides, load_config
+from memray.config import PRESETS, AuditConfig, apply_overrides, preset_config
 from memray.data.records import ImageInput
-from memray.demo import demo_audit_config
 from memray.evaluation.demo_benchmark import truth_class
 from memray.evaluation.laion import write_laion_set
 from memray.models import load_model
@@ -287,7 +286,9 @@ def main(argv=None) -> int:
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--laion", default="memray-out/laion-2000", help="folder of the LAION-shaped set")
     parser.add_argument("--laion-images", type=int, default=2000)
-    parser.add_argument("--config", default=str(demo_audit_config()), help="the audit configuration (stage 2)")
+    parser.add_argument(
+        "--budget", choices=PRESETS, default="cpu", help="the preset stage 2 runs at (as benchmark_demo)"
+    )
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--calibration-rate", type=float, default=0.01)
     parser.add_argument("--calibration-min", type=int, default=20)
@@ -297,13 +298,17 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = apply_overrides(load_config(args.config), args.set).replace(measures=["invmm", "uncond_replication"])
+    config = apply_overrides(preset_config(args.budget), args.set).replace(measures=["invmm", "uncond_replication"])
     options = CascadeOptions(calibration_rate=args.calibration_rate, calibration_min=args.calibration_min)
     loaded = load_model("demo")
     print(
-        f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; config {config.hash()}"
+        f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
+        f"budget {args.budget}, config {config.hash()}"
     )
-    print(f"screen {config.start_check}; stage 2 {config.measures}, InvMM {config.invmm.steps} steps; {options}")
+    invmm = config.invmm
+    print(
+        f"screen {config.start_check}; stage 2 {config.measures}, InvMM {invmm.steps} steps, {invmm.confirm_noises} confirming noises; {options}"
+    )
     if "laion" in args.sets and not (Path(args.laion) / "truth.parquet").exists():
         write_laion_set(args.laion, args.laion_images)
     for name in args.sets:
