@@ -118,12 +118,12 @@ def test_the_precision_flag_sets_the_config_and_its_hash():
 def test_presets_are_files_and_keep_their_hashes():
     # A config hash identifies results in catalogs (resume): a preset that changes them is a new preset.
     assert {name: preset_config(name).hash() for name in PRESETS} == {
-        "bench": "92f92214027c017c",
-        "cpu": "96068e2d8a28d1ee",
-        "default": "91565dccb12a21c4",
-        "quick": "864dca6fa106fa5e",
-        "reference": "64b7beba49eb69f9",
-        "smoke": "7dd6c008af1e81f6",
+        "bench": "21b870de58d3ff14",
+        "cpu": "a4244ef188d6b1d3",
+        "default": "7a88ffde7e8b0d3a",
+        "quick": "dec2d8f5dca8f5da",
+        "reference": "adadaac7bda56067",
+        "smoke": "4037639d3708901a",
     }
     assert preset_config("default") == AuditConfig()
     reference = preset_config("reference")

@@ -102,7 +102,7 @@ class StartCheckConfig:
     noises: int = 3
     steps: int = 8
     guidance_scales: tuple[float, ...] = (3.0, 7.0)
-    flag_progress: float = 0.5  # progress at or above this sends the image to InvMM (benchmark: docs/laion.md)
+    flag_progress: float = 0.8  # progress at or above this sends the image to InvMM (measured: docs/laion.md)
 
 
 @dataclass(frozen=True)
