@@ -12,7 +12,7 @@ import pytest
 from memray.catalog.schema import AuditRow
 from memray.demo import read_demo_manifest, trained_demo_manifest
 from memray.evaluation import early_stop
-from memray.evaluation.cascade import CascadeOutcome, laion_set, seen_by_negatives, write_rows
+from memray.evaluation.cascade import CascadeOutcome, laion_set, progress_by_kind, seen_by_negatives, write_rows
 from memray.evaluation.demo_benchmark import classes
 from memray.evaluation.laion import read_truth, write_laion_set
 from memray.measures.invmm import TRACE_COLUMNS
@@ -53,7 +53,15 @@ def test_the_laion_shaped_set_labels_each_image_with_what_training_did_with_it_a
     assert seen_by_negatives(labelled, memorized).startswith(f"; trained: {once} seen once" if once else "; trained: ")
     assert seen_by_negatives(labelled, set()) == ""
 
-    screened = [AuditRow(x.item.image_id, stage="screen") for x in labelled]
+    screened = [AuditRow(x.item.image_id, stage="screen", status="ok") for x in labelled]
+    for k, row in enumerate(screened):
+        row.screen_progress = k / len(screened)  # 0 to 59/60
+    lines = progress_by_kind(labelled, screened, flags=(0.5,))
+    kinds = {line.split(" (")[0].strip(): line for line in lines[1:]}
+    assert set(kinds) <= {"heldout", "normal", "hard", "planted positive", "planted borderline", "planted negative"}
+    counted = sum(int(line.split("(")[1].split(")")[0]) for line in kinds.values())
+    reaching = sum(int(line.rsplit(": ", 1)[1]) for line in kinds.values())
+    assert (counted, reaching) == (60, 30)  # every image in one kind; 30 of 60 at 0.5 or above
     confirmed = {labelled[0].item.image_id: AuditRow(labelled[0].item.image_id, stage="confirm", verdict="memorized")}
     outcome = CascadeOutcome(screened, {labelled[0].item.image_id: "calibration"}, confirmed, None, None, {})
     write_rows(tmp_path / "rows.parquet", labelled, outcome)

@@ -140,6 +140,26 @@ def gpu_hours_per_million(forwards: float, backwards: float, utilisation: float)
     return flops * 1e9 * 1e6 / (H100_BF16_PEAK_TFLOPS * 1e12 * utilisation) / 3600
 
 
+def progress_by_kind(labelled: list[Labelled], screen: list[AuditRow], flags=(0.5, 0.8, 1.0)) -> list[str]:
+    """Where each kind of image lands on the screen's progress scale: its median, 99th percentile and
+    range, and how many reach each flag (what sets `start_check.flag_progress`)."""
+    progress = {r.image_id: r.screen_progress for r in screen if r.status == "ok" and r.screen_progress is not None}
+    kinds: dict[str, list[float]] = {}
+    for x in labelled:
+        if x.item.image_id in progress:
+            kind = f"{x.split} {x.truth}" if x.split == "planted" else x.split
+            kinds.setdefault(kind, []).append(progress[x.item.image_id])
+    lines = []
+    for kind, values in sorted(kinds.items()):
+        v = np.array(values)
+        reach = ", ".join(f">= {f:g}: {int((v >= f).sum())}" for f in flags)
+        lines.append(
+            f"    {kind} ({len(v)}): median {np.median(v):.2f}, 99th percentile {np.quantile(v, 0.99):.2f}, "
+            f"range {v.min():.2f} to {v.max():.2f}; {reach}"
+        )
+    return ["  screen progress by kind:", *lines]
+
+
 def report(name: str, labelled: list[Labelled], outcome: CascadeOutcome, utilisation: float) -> list[str]:
     """The benchmark's lines for one set and setting: cost, selection, recall against the truth and
     against InvMM on every image, the recall estimate and whether it covers the truth."""
@@ -156,6 +176,7 @@ def report(name: str, labelled: list[Labelled], outcome: CascadeOutcome, utilisa
         f"{sum(t == 'positive' for t in truth.values())} positives, {sum(t == 'borderline' for t in truth.values())} borderline",
         f"  screen: {screen_f / n:.0f} UNet forwards per image; flagged {len(flagged)} ({len(flagged) / n:.1%}); "
         f"stage 2: {len(outcome.selected)} images ({len(outcome.selected) / n:.1%}: {calibration} calibration)",
+        *progress_by_kind(labelled, outcome.screen),
     ]
     memorized = {image_id for image_id, row in outcome.stage2.items() if row.verdict == "memorized"}
     found = memorized & flagged
