@@ -52,7 +52,8 @@ H100_BF16_PEAK_TFLOPS = 989.0
 
 @dataclass
 class Labelled:
-    """An image of a benchmark set: its input, its ground truth ("positive", "negative", "borderline"), what the
+    """An image of a benchmark set: its input, its ground truth ("positive", "negative", "borderline" or
+    "unmeasured"), what the
     training did with it (`split`: planted, normal, heldout or hard) and how many times it was seen (a trained
     image whose caption never replicates it is a negative too)."""
 
@@ -186,8 +187,15 @@ def report(name: str, labelled: list[Labelled], outcome: CascadeOutcome, utilisa
         f"{len(positives & found)}/{len(positives)}; borderline flagged "
         f"{len({i for i, t in truth.items() if t == 'borderline'} & flagged)}; "
         f"negatives judged memorized {sum(truth.get(i) == 'negative' for i in memorized)} "
-        f"(never trained: {len(memorized & never_trained)} of {len(never_trained)}{seen_by_negatives(labelled, memorized)})"
+        f"(never trained: {len(memorized & never_trained)} of {len(never_trained)})"
     )
+    unmeasured = [x for x in labelled if x.truth == "unmeasured"]
+    if unmeasured:
+        judged = [x for x in unmeasured if x.item.image_id in memorized]
+        lines.append(
+            f"  training images whose truth was not measured: {len(judged)} of {len(unmeasured)} judged memorized"
+            f"{': ' + seen_counts(judged) if judged else ''}"
+        )
     total_f, total_b = screen_f + stage2_f, screen_b + stage2_b
     if outcome.everyone is not None:
         every = [row for row in outcome.everyone.values() if row.status == "ok"]
@@ -227,11 +235,10 @@ def report(name: str, labelled: list[Labelled], outcome: CascadeOutcome, utilisa
     return lines
 
 
-def seen_by_negatives(labelled: list[Labelled], memorized: set[str]) -> str:
-    """How often the trained negatives judged memorized were seen in training: "; trained: 2 seen once, 1 seen 3x"."""
-    seen = Counter(x.copies for x in labelled if x.trained and x.truth == "negative" and x.item.image_id in memorized)
-    parts = [f"{n} seen {'once' if copies == 1 else f'{copies}x'}" for copies, n in sorted(seen.items())]
-    return f"; trained: {', '.join(parts)}" if parts else ""
+def seen_counts(images: list[Labelled]) -> str:
+    """How often images were seen in training: "2 seen once, 1 seen 3x"."""
+    seen = Counter(x.copies for x in images)
+    return ", ".join(f"{n} seen {'once' if copies == 1 else f'{copies}x'}" for copies, n in sorted(seen.items()))
 
 
 def write_rows(path: Path, labelled: list[Labelled], outcome: CascadeOutcome) -> None:
@@ -274,8 +281,11 @@ def demo_set(with_caption: bool) -> list[Labelled]:
 
 
 def laion_set(url: str, with_caption: bool) -> list[Labelled]:
-    """A set written by evaluation.laion.write_laion_set, read through memray's own shard reader;
-    normal training images (unmeasured) count as negatives, as the demo set's all measure 0."""
+    """A set written by evaluation.laion.write_laion_set, read through memray's own shard reader.
+
+    Normal training images, whose replication rate the set does not measure, are "unmeasured": the
+    report counts their verdicts apart, neither as negatives nor as positives (seen once, a caption
+    that fully describes a plain scene can still generate it)."""
     from memray.data.sources import list_units, read_unit
     from memray.evaluation.laion import read_truth, training_copies
 
@@ -290,10 +300,9 @@ def laion_set(url: str, with_caption: bool) -> list[Labelled]:
             item = ImageInput(**record)
             if not with_caption:
                 item.caption = None
-            seen = copies.get(row["source_id"], 0)
-            labelled.append(
-                Labelled(item, truth_class(seen > 0, row["truth_caption_rate"] if seen else 0.0), row["split"], seen)
-            )
+            seen, rate = copies.get(row["source_id"], 0), row["truth_caption_rate"]
+            label = "unmeasured" if seen and rate is None else truth_class(seen > 0, rate if seen else 0.0)
+            labelled.append(Labelled(item, label, row["split"], seen))
     return labelled
 
 
