@@ -220,12 +220,19 @@ def report(name: str, labelled: list[Labelled], outcome: CascadeOutcome, utilisa
             f"  InvMM on every image, estimated from the calibration sample's cost: {sum(reference):.0f} evaluations "
             f"per image against the cascade's {(total_f + total_b) / n:.0f} ({sum(reference) * n / (total_f + total_b):.1f}x fewer)"
         )
-    estimate = outcome.summary.recall
+    # What the interval estimates is the screen's recall of stage 2's verdicts: InvMM on every image knows it
+    # exactly; without that run the ground-truth positives stand in for it.
+    estimate, truth_recall = outcome.summary.recall, None
+    if outcome.everyone is not None and invmm_memorized:
+        truth_recall, against = true_recall, "InvMM on every image"
+    elif outcome.everyone is None and positives:
+        truth_recall, against = len(positives & flagged) / len(positives), "the positives"
     covered = ""
-    if estimate.recall is not None and positives:
-        truth_recall = len(positives & flagged) / len(positives)
+    if estimate.recall is not None and truth_recall is not None:
         inside = estimate.recall_low <= truth_recall <= estimate.recall_high
-        covered = f"; the truth's {truth_recall:.3f} is {'inside' if inside else 'OUTSIDE'} the interval"
+        covered = (
+            f"; the recall against {against}, {truth_recall:.3f}, is {'inside' if inside else 'OUTSIDE'} the interval"
+        )
     lines.append(f"  screen {estimate.statement()}{covered}")
     lines.append(
         f"  SD 1.5 at {utilisation:.0%} of an H100's bf16 peak: the cascade "
