@@ -249,13 +249,14 @@ def seen_counts(images: list[Labelled]) -> str:
 
 
 def write_rows(path: Path, labelled: list[Labelled], outcome: CascadeOutcome) -> None:
-    """Every row of one cascade (its screen rows, then its stage-2 rows marked with why they were selected, in the
-    catalog schema) with each image's truth."""
+    """Every row of one cascade, in the catalog schema with each image's truth: its screen rows, then its stage-2
+    rows (InvMM's on every image, where that ran) marked with why the cascade selected them."""
     from memray.catalog.files import write_parquet
     from memray.catalog.schema import rows_to_table
 
     by_id = {x.item.image_id: x for x in labelled}
-    confirmed = [dataclasses.replace(row, selected_by=outcome.selected[i]) for i, row in outcome.stage2.items()]
+    second = outcome.everyone if outcome.everyone is not None else outcome.stage2
+    confirmed = [dataclasses.replace(row, selected_by=outcome.selected.get(i)) for i, row in second.items()]
     rows = outcome.screen + confirmed
     table = rows_to_table(rows)
     for name, values in (
