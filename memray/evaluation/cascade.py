@@ -2,6 +2,7 @@
 
     python jobs/benchmark_cascade.py                                  # demo set and a 2,000-image LAION-shaped set
     python jobs/benchmark_cascade.py --sets demo --settings caption   # a part of it
+    python jobs/benchmark_cascade.py --truth-of ROWS.parquet          # the graded truth of a kept run's judged negatives
 
 For a set of images with ground truth, in one setting (caption known or not):
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import platform
 import time
@@ -242,6 +244,47 @@ def report(name: str, labelled: list[Labelled], outcome: CascadeOutcome, utilisa
     return lines
 
 
+def measure_truth(rows_path: str, laion: str) -> list[str]:
+    """The graded truth of the images a kept run (--rows) judged memorized or inconclusive although the set calls
+    them never trained or does not measure them: the demo model's own procedure (demo_training.ground_truth,
+    at the settings the model was trained with), so a verdict can be checked against what the caption does."""
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from memray.demo import DEMO_ASSETS, trained_demo_model
+    from memray.evaluation.demo_training import TRUTH_STEPS, Item, ground_truth
+
+    labelled = {x.item.image_id: x for x in laion_set(laion, with_caption=True)}
+    judged = [
+        r
+        for r in pq.read_table(rows_path).to_pylist()
+        if r["stage"] != "screen"
+        and r["verdict"] in ("memorized", "inconclusive")
+        and labelled[r["image_id"]].truth in ("unmeasured", "negative")
+        and labelled[r["image_id"]].split in ("normal", "heldout")
+    ]
+    trained_with = json.loads((DEMO_ASSETS / "train_log.json").read_text())["args"]
+    args = argparse.Namespace(**{"truth_steps": TRUTH_STEPS, **trained_with, "device": "cpu"})
+    items = []
+    for r in judged:
+        x = labelled[r["image_id"]]
+        picture = Image.open(io.BytesIO(x.item.data)).convert("RGB").resize((args.resolution,) * 2)
+        items.append(Item(x.item.image_id, x.split, x.item.caption, "", x.copies, picture=picture))
+    truth = ground_truth(trained_demo_model(), items, args)
+    lines = [
+        f"ground truth ({args.truth_noises} noises x 4 scales, {args.truth_steps} DDIM steps) of {len(items)} images:"
+    ]
+    for r, item in sorted(zip(judged, items), key=lambda pair: (pair[1].split, pair[0]["verdict"], pair[1].id)):
+        seen = "never trained" if not item.copies else f"seen {item.copies}x"
+        lines.append(
+            f"  {item.id} ({item.split}, {seen}) {r['verdict']}: caption rate {truth[item.id]['truth_caption_rate']:.2f}, "
+            f"empty prompt {truth[item.id]['truth_uncond_rate']:.2f}; {item.caption!r}"
+        )
+    return lines
+
+
 def seen_counts(images: list[Labelled]) -> str:
     """How often images were seen in training: "2 seen once, 1 seen 3x"."""
     seen = Counter(x.copies for x in images)
@@ -333,9 +376,15 @@ def main(argv=None) -> int:
     parser.add_argument("--utilisation", type=float, default=0.4, help="assumed share of the H100's bf16 peak")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--rows", help="folder to keep every row in, with its truth: {set}-{setting}.parquet")
+    parser.add_argument(
+        "--truth-of", metavar="ROWS", help="instead: the graded truth of a kept LAION-shaped run's judged negatives"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.truth_of:
+        print("\n".join(measure_truth(args.truth_of, args.laion)))
+        return 0
     config = apply_overrides(preset_config(args.budget), args.set).replace(measures=["invmm", "uncond_replication"])
     options = CascadeOptions(calibration_rate=args.calibration_rate, calibration_min=args.calibration_min)
     loaded = load_model("demo")
