@@ -55,9 +55,8 @@ H100_BF16_PEAK_TFLOPS = 989.0
 @dataclass
 class Labelled:
     """An image of a benchmark set: its input, its ground truth ("positive", "negative", "borderline" or
-    "unmeasured"), what the
-    training did with it (`split`: planted, normal, heldout or hard) and how many times it was seen (a trained
-    image whose caption never replicates it is a negative too)."""
+    "unmeasured"), what the training did with it (`split`: planted, normal, heldout or hard) and how many
+    times it was seen (a trained image whose caption never replicates it is a negative too)."""
 
     item: ImageInput
     truth: str
@@ -66,6 +65,7 @@ class Labelled:
 
     @property
     def trained(self) -> bool:
+        """Whether the model saw it at all."""
         return self.copies > 0
 
 
@@ -254,7 +254,7 @@ def measure_truth(rows_path: str, laion: str) -> list[str]:
     from PIL import Image
 
     from memray.demo import DEMO_ASSETS, trained_demo_model
-    from memray.evaluation.demo_training import TRUTH_STEPS, Item, ground_truth
+    from memray.evaluation.demo_training import TRUTH_SCALES, TRUTH_STEPS, Item, ground_truth
 
     labelled = {x.item.image_id: x for x in laion_set(laion, with_caption=True)}
     judged = [
@@ -274,7 +274,8 @@ def measure_truth(rows_path: str, laion: str) -> list[str]:
         items.append(Item(x.item.image_id, x.split, x.item.caption, "", x.copies, picture=picture))
     truth = ground_truth(trained_demo_model(), items, args)
     lines = [
-        f"ground truth ({args.truth_noises} noises x 4 scales, {args.truth_steps} DDIM steps) of {len(items)} images:"
+        f"ground truth ({args.truth_noises} noises x {len(TRUTH_SCALES)} scales, {args.truth_steps} DDIM steps) "
+        f"of {len(items)} images:"
     ]
     for r, item in sorted(zip(judged, items), key=lambda pair: (pair[1].split, pair[0]["verdict"], pair[1].id)):
         seen = "never trained" if not item.copies else f"seen {item.copies}x"
