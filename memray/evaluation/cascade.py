@@ -38,7 +38,8 @@ import torch
 from memray.auditing.runner import audit
 from memray.cascade.selection import CascadeOptions, Screened, select
 from memray.catalog.cascade import CascadeSummary, summarize
-from memray.catalog.schema import AuditRow
+from memray.catalog.files import write_parquet
+from memray.catalog.schema import AuditRow, rows_to_table
 from memray.config import PRESETS, AuditConfig, apply_overrides, preset_config
 from memray.data.records import ImageInput
 from memray.evaluation.demo_benchmark import truth_class
@@ -254,7 +255,7 @@ def measure_truth(rows_path: str, laion: str) -> list[str]:
     from PIL import Image
 
     from memray.demo import DEMO_ASSETS, trained_demo_model
-    from memray.evaluation.demo_training import TRUTH_SCALES, TRUTH_STEPS, Item, ground_truth
+    from memray.evaluation.demo_training import TRUTH_SCALES, Item, ground_truth, training_arguments
 
     labelled = {x.item.image_id: x for x in laion_set(laion, with_caption=True)}
     judged = [
@@ -262,11 +263,9 @@ def measure_truth(rows_path: str, laion: str) -> list[str]:
         for r in pq.read_table(rows_path).to_pylist()
         if r["stage"] != "screen"
         and r["verdict"] in ("memorized", "inconclusive")
-        and labelled[r["image_id"]].truth in ("unmeasured", "negative")
-        and labelled[r["image_id"]].split in ("normal", "heldout")
+        and labelled[r["image_id"]].split in ("normal", "heldout")  # unmeasured, and never trained
     ]
-    trained_with = json.loads((DEMO_ASSETS / "train_log.json").read_text())["args"]
-    args = argparse.Namespace(**{"truth_steps": TRUTH_STEPS, **trained_with, "device": "cpu"})
+    args = training_arguments(json.loads((DEMO_ASSETS / "train_log.json").read_text()), "cpu")
     items = []
     for r in judged:
         x = labelled[r["image_id"]]
@@ -295,9 +294,6 @@ def seen_counts(images: list[Labelled]) -> str:
 def write_rows(path: Path, labelled: list[Labelled], outcome: CascadeOutcome) -> None:
     """Every row of one cascade, in the catalog schema with each image's truth: its screen rows, then its stage-2
     rows (InvMM's on every image, where that ran) marked with why the cascade selected them."""
-    from memray.catalog.files import write_parquet
-    from memray.catalog.schema import rows_to_table
-
     by_id = {x.item.image_id: x for x in labelled}
     second = outcome.everyone if outcome.everyone is not None else outcome.stage2
     confirmed = [dataclasses.replace(row, selected_by=outcome.selected.get(i)) for i, row in second.items()]

@@ -559,11 +559,16 @@ def main(argv=None) -> dict:
     return log
 
 
+def training_arguments(log: dict, device: str) -> argparse.Namespace:
+    """The arguments a training log (train_log.json) was trained with, on `device`: what ground_truth needs."""
+    return argparse.Namespace(**{"truth_steps": TRUTH_STEPS, **log["args"], "device": device})
+
+
 def recheck(args) -> dict:
     """Measure the ground truth of a trained --out again (its plan rebuilt from its log) and rewrite manifest and log."""
     out = Path(args.out)
     log = json.loads((out / "train_log.json").read_text())
-    trained_with = argparse.Namespace(**{"truth_steps": TRUTH_STEPS, **log["args"], "device": args.device})
+    trained_with = training_arguments(log, args.device)
     trained, never_trained = build_plan(trained_with)
     demo = demo_set(trained, never_trained, trained_with.demo_normal)
     truth = ground_truth(out / "model", demo, trained_with)
