@@ -8,11 +8,22 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import png_bytes, tiny_budgets
 
 from memray.catalog.schema import AuditRow
+from memray.data.records import ImageInput
 from memray.demo import read_demo_manifest, trained_demo_manifest
 from memray.evaluation import early_stop
-from memray.evaluation.cascade import CascadeOutcome, laion_set, progress_by_kind, seen_counts, write_rows
+from memray.evaluation.cascade import (
+    CascadeOutcome,
+    cost_floor,
+    detection_line,
+    laion_set,
+    progress_by_kind,
+    screen_detection,
+    seen_counts,
+    write_rows,
+)
 from memray.evaluation.demo_benchmark import classes
 from memray.evaluation.laion import read_truth, write_laion_set
 from memray.measures.invmm import TRACE_COLUMNS
@@ -90,3 +101,47 @@ def test_a_trace_with_the_later_columns_replays_as_its_first_four(traces):
     replayed = [early_stop.replay(e, invmm, rule) for e in entries]
     assert [early_stop.replay(e, invmm, rule) for e in extended] == replayed
     assert np.mean([f + b for _, f, b in replayed]) == pytest.approx(3261, abs=0.5)
+
+
+def _row(image_id, stage, forwards, backwards=0, verdict=None):
+    return AuditRow(
+        image_id, stage=stage, status="ok", unet_forwards=forwards, unet_backwards=backwards, verdict=verdict
+    )
+
+
+def test_the_cost_floor_is_the_screen_the_calibration_sample_and_the_memorized_images_alone():
+    screen = [_row(f"i{k}", "screen", 80) for k in range(10)] + [AuditRow("bad", stage="screen", status="error")]
+    stage2 = {
+        "i0": _row("i0", "confirm", 1000, 500, "memorized"),  # flagged, memorized: the floor pays for it
+        "i1": _row("i1", "confirm", 1000, 500, "not_memorized"),  # flagged in vain: the floor does not
+        "i2": _row("i2", "confirm", 900, 400, "memorized"),  # the calibration sample's: paid once, as a sample
+        "i3": _row("i3", "confirm", 800, 300, "not_memorized"),
+    }
+    selected = {"i0": "screen", "i1": "screen", "i2": "calibration", "i3": "calibration"}
+    outcome = CascadeOutcome(screen, selected, stage2, None, None, {})
+    assert cost_floor(outcome, 10) == pytest.approx((80.0, (1300 + 1100) / 10, (800 + 2400 + 1500) / 10))
+    # where InvMM ran on every image, its verdicts say which images the floor confirms, found by the screen or not
+    everyone = {**stage2, "i5": _row("i5", "full", 700, 0, "memorized")}
+    outcome = CascadeOutcome(screen, selected, stage2, None, everyone, {})
+    assert cost_floor(outcome, 10)[2] == pytest.approx((800 + 2400 + 1500 + 700) / 10)
+
+
+def test_detection_names_the_weakest_image():
+    line = detection_line("the positives", {"a": 1.0, "b": 0.25, "c": 0.5}, 16)
+    assert line == "  screen detection over 16 seeds of the positives (3): expected recall 0.583, lowest 0.25 (b)"
+
+
+def test_screen_detection_draws_every_seed_afresh(tiny_sd):
+    config = tiny_budgets().replace(start_check={"noises": 2, "steps": 2, "guidance_scales": [2.0]})
+    items = [ImageInput(f"i{k}", data=png_bytes(40 + k), caption="a red circle") for k in range(6)]
+    once = screen_detection(tiny_sd, items, config.replace(start_check={"flag_progress": -1e9}), 1)
+    assert once == {f"i{k}": 1.0 for k in range(6)}
+    # a flag in the middle of the images' progress: with the same noises every draw, each image would be
+    # flagged always or never; fresh seeds flag some of them only sometimes
+    from memray.auditing.runner import audit
+
+    progress = sorted(r.screen_progress for r in audit(items, tiny_sd, config.screen_config(), replicas=0))
+    middle = config.replace(start_check={"flag_progress": progress[3]})
+    detection = screen_detection(tiny_sd, items, middle, 4)
+    assert set(detection) == {f"i{k}" for k in range(6)}
+    assert any(0 < p < 1 for p in detection.values())

@@ -11,7 +11,9 @@ For a set of images with ground truth, in one setting (caption known or not):
 3. stage 2, the full chain on the selection; where InvMM on every image was affordable and ran,
    its rows are the selected images' stage-2 rows (an image's result does not depend on its
    batch: tests/test_invariants.py), so both are measured from one set of InvMM runs;
-4. the run's summary (memray.catalog.cascade.summarize): the screen's recall and its interval.
+4. the run's summary (memray.catalog.cascade.summarize): the screen's recall and its interval;
+5. the screen's detection probability of each memorized image, over fresh seeds (`screen_detection`):
+   the recall a run can expect, where one run's recall on a few images is one draw of it.
 
 Everything goes through the runner (memray.auditing.runner.audit), the selection and the
 summary the product uses; no step is re-implemented here. Cost is counted in UNet
@@ -134,6 +136,7 @@ def run_cascade(
 
 def evaluations(rows) -> tuple[float, float]:
     """Total UNet (forward, backward) sample-evaluations of rows."""
+    rows = list(rows)  # read twice
     return float(sum(r.unet_forwards or 0 for r in rows)), float(sum(r.unet_backwards or 0 for r in rows))
 
 
@@ -142,6 +145,43 @@ def gpu_hours_per_million(forwards: float, backwards: float, utilisation: float)
     forward and backward sample-evaluations."""
     flops = forwards * SD15_GFLOP_FORWARD + backwards * (SD15_GFLOP_FORWARD_BACKWARD - SD15_GFLOP_FORWARD)
     return flops * 1e9 * 1e6 / (H100_BF16_PEAK_TFLOPS * 1e12 * utilisation) / 3600
+
+
+def screen_detection(loaded, items: list[ImageInput], config: AuditConfig, draws: int) -> dict[str, float]:
+    """How often the screen flags each of `items` over `draws` seeds other than the run's: its detection probability.
+
+    A new seed draws new noises and a new model null, everything random in the screen, so the mean over
+    the images a run judges memorized is the recall that run could expect from its screen.
+    """
+    flags: Counter[str] = Counter()
+    for draw in range(1, draws + 1):
+        screen = config.screen_config().replace(seed=config.seed + draw)
+        rows = audit(items, loaded, screen, batch_size=16, replicas=0, stage="screen")
+        flags.update(row.image_id for row in rows if row.status == "ok" and row.screen_flagged)
+    return {item.image_id: flags[item.image_id] / draws for item in items}
+
+
+def detection_line(label: str, detection: dict[str, float], draws: int) -> str:
+    """One report line: the mean detection probability of a group of images and its weakest member."""
+    weakest = min(detection, key=detection.get)
+    return (
+        f"  screen detection over {draws} seeds of {label} ({len(detection)}): expected recall "
+        f"{np.mean(list(detection.values())):.3f}, lowest {detection[weakest]:.2f} ({weakest})"
+    )
+
+
+def cost_floor(outcome: CascadeOutcome, screened: int) -> tuple[float, float, float]:
+    """Per screened image: what the screen and the calibration sample cost, and the least the cascade could cost
+    with this screen and sample, had the screen flagged exactly the images judged memorized (by InvMM on every
+    image where that ran, else by stage 2)."""
+    screen = sum(evaluations([row for row in outcome.screen if row.status == "ok"]))
+    calibration = {i for i, by in outcome.selected.items() if by == "calibration"}
+    sampled = sum(evaluations([outcome.stage2[i] for i in calibration]))
+    judged = outcome.everyone if outcome.everyone is not None else outcome.stage2
+    memorized = sum(
+        evaluations([row for i, row in judged.items() if row.verdict == "memorized" and i not in calibration])
+    )
+    return screen / screened, sampled / screened, (screen + sampled + memorized) / screened
 
 
 def progress_by_kind(labelled: list[Labelled], screen: list[AuditRow], flags=(0.5, 0.8, 1.0)) -> list[str]:
@@ -164,9 +204,17 @@ def progress_by_kind(labelled: list[Labelled], screen: list[AuditRow], flags=(0.
     return ["  screen progress by kind:", *lines]
 
 
-def report(name: str, labelled: list[Labelled], outcome: CascadeOutcome, utilisation: float) -> list[str]:
-    """The benchmark's lines for one set and setting: cost, selection, recall against the truth and
-    against InvMM on every image, the recall estimate and whether it covers the truth."""
+def report(
+    name: str,
+    labelled: list[Labelled],
+    outcome: CascadeOutcome,
+    utilisation: float,
+    detect=None,
+    draws: int = 0,
+) -> list[str]:
+    """The benchmark's lines for one set and setting: cost and its floor, selection, recall against the truth
+    and against InvMM on every image, the recall estimate and whether it covers the truth. `detect(items)`,
+    where given, is screen_detection's probabilities for the images of those ids over `draws` seeds."""
     truth = {x.item.image_id: x.truth for x in labelled}
     never_trained = {x.item.image_id for x in labelled if not x.trained}
     ok = [row for row in outcome.screen if row.status == "ok"]
@@ -223,6 +271,11 @@ def report(name: str, labelled: list[Labelled], outcome: CascadeOutcome, utilisa
             f"  InvMM on every image, estimated from the calibration sample's cost: {sum(reference):.0f} evaluations "
             f"per image against the cascade's {(total_f + total_b) / n:.0f} ({sum(reference) * n / (total_f + total_b):.1f}x fewer)"
         )
+    screen_cost, sample_cost, floor = cost_floor(outcome, n)
+    lines.append(
+        f"  its floor: flagging exactly the images judged memorized, this screen ({screen_cost:.0f}) and calibration "
+        f"sample ({sample_cost:.0f}) would cost {floor:.0f} per image, {sum(reference) / floor:.1f}x fewer than InvMM on every image"
+    )
     # What the interval estimates is the screen's recall of stage 2's verdicts: InvMM on every image knows it
     # exactly; without that run the ground-truth positives stand in for it.
     estimate, truth_recall = outcome.summary.recall, None
@@ -237,6 +290,14 @@ def report(name: str, labelled: list[Labelled], outcome: CascadeOutcome, utilisa
             f"; the recall against {against}, {truth_recall:.3f}, is {'inside' if inside else 'OUTSIDE'} the interval"
         )
     lines.append(f"  screen {estimate.statement()}{covered}")
+    if detect is not None and draws:
+        groups = {"the positives": sorted(positives)}
+        if outcome.everyone is not None:
+            groups["the images InvMM on every image judges memorized"] = sorted(invmm_memorized)
+        groups = {label: ids for label, ids in groups.items() if ids}
+        if groups:
+            detection = detect(sorted(set().union(*groups.values())))
+            lines += [detection_line(label, {i: detection[i] for i in ids}, draws) for label, ids in groups.items()]
     lines.append(
         f"  SD 1.5 at {utilisation:.0%} of an H100's bf16 peak: the cascade "
         f"{gpu_hours_per_million(total_f / n, total_b / n, utilisation):,.0f} GPU-hours per million images, "
@@ -372,6 +433,9 @@ def main(argv=None) -> int:
     parser.add_argument("--calibration-min", type=int, default=20)
     parser.add_argument("--utilisation", type=float, default=0.4, help="assumed share of the H100's bf16 peak")
     parser.add_argument("--threads", type=int)
+    parser.add_argument(
+        "--detection-draws", type=int, default=16, help="seeds to re-screen the memorized images with (0: none)"
+    )
     parser.add_argument("--rows", help="folder to keep every row in, with its truth: {set}-{setting}.parquet")
     parser.add_argument(
         "--truth-of", metavar="ROWS", help="instead: the graded truth of a kept LAION-shaped run's judged negatives"
@@ -421,7 +485,13 @@ def main(argv=None) -> int:
                     }
                     print(f"{name} / {setting}: InvMM on every image, {label} evidence: {counts}")
             outcome = run_cascade(loaded, items, setting_config, options, everyone=everyone)
-            for line in report(f"{name} / {setting}", labelled, outcome, args.utilisation):
+
+            def detect(image_ids, items=items, config=setting_config):
+                chosen = [item for item in items if item.image_id in set(image_ids)]
+                return screen_detection(loaded, chosen, config, args.detection_draws)
+
+            lines = report(f"{name} / {setting}", labelled, outcome, args.utilisation, detect, args.detection_draws)
+            for line in lines:
                 print(line, flush=True)
             if args.rows:
                 write_rows(Path(args.rows) / f"{name}-{setting}.parquet", labelled, outcome)
