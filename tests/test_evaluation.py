@@ -16,12 +16,14 @@ from memray.demo import read_demo_manifest, trained_demo_manifest
 from memray.evaluation import early_stop
 from memray.evaluation.cascade import (
     CascadeOutcome,
+    Labelled,
     cost_floor,
     detection_line,
     laion_set,
     progress_by_kind,
     screen_detection,
     seen_counts,
+    sweep_screen,
     write_rows,
 )
 from memray.evaluation.demo_benchmark import classes
@@ -145,3 +147,18 @@ def test_screen_detection_draws_every_seed_afresh(tiny_sd):
     detection = screen_detection(tiny_sd, items, middle, 4)
     assert set(detection) == {f"i{k}" for k in range(6)}
     assert any(0 < p < 1 for p in detection.values())
+
+
+def test_a_sweep_screens_every_image_at_each_value_and_counts_what_it_flags_by_kind(tiny_sd):
+    config = tiny_budgets().replace(start_check={"noises": 2, "steps": 2, "guidance_scales": [2.0]})
+    labelled = [
+        Labelled(ImageInput(f"p{k}", data=png_bytes(60 + k), caption="a red circle"), "positive", "planted", 64)
+        for k in range(2)
+    ] + [Labelled(ImageInput("n0", data=png_bytes(70), caption="a blue square"), "negative", "heldout", 0)]
+    lines = sweep_screen(tiny_sd, labelled, config, "start_check.steps", ["1", "2"], draws=1)
+    assert len(lines) == 4  # a line per value, and its detection line
+    # a pilot at the one scale and 2 counted noises, each guided (2 evaluations a step): 6 forwards a step
+    assert lines[0].startswith("  start_check.steps=1: 6 UNet forwards per image; flagged positives ")
+    assert lines[2].startswith("  start_check.steps=2: 12 UNet forwards per image; flagged positives ")
+    assert "never-trained " in lines[0] and "/1 (" in lines[0] and "borderline" not in lines[0]
+    assert lines[1].startswith("    screen detection over 1 seeds of the positives (2): expected recall ")

@@ -3,6 +3,7 @@
     python jobs/benchmark_cascade.py                                  # demo set and a 2,000-image LAION-shaped set
     python jobs/benchmark_cascade.py --sets demo --settings caption   # a part of it
     python jobs/benchmark_cascade.py --truth-of ROWS.parquet          # the graded truth of a kept run's judged negatives
+    python jobs/benchmark_cascade.py --sweep start_check.steps 4 6 8  # the screen alone at each value of a setting
 
 For a set of images with ground truth, in one setting (caption known or not):
 
@@ -168,6 +169,37 @@ def detection_line(label: str, detection: dict[str, float], draws: int) -> str:
         f"  screen detection over {draws} seeds of {label} ({len(detection)}): expected recall "
         f"{np.mean(list(detection.values())):.3f}, lowest {detection[weakest]:.2f} ({weakest})"
     )
+
+
+def sweep_screen(loaded, labelled: list[Labelled], config: AuditConfig, key: str, values, draws: int) -> list[str]:
+    """The screen alone at each value of one setting (SECTION.KEY, values in TOML syntax): its cost, what it flags
+    of each kind of image, and its detection of the positives over `draws` seeds."""
+    kinds = {
+        "positives": lambda x: x.truth == "positive",
+        "borderline": lambda x: x.truth == "borderline",
+        "never-trained": lambda x: not x.trained,
+        "normal training images": lambda x: x.split == "normal",
+    }
+    items = [x.item for x in labelled]
+    positives = [x.item for x in labelled if x.truth == "positive"]
+    lines = []
+    for value in values:
+        setting = apply_overrides(config, [f"{key}={value}"])
+        rows = {r.image_id: r for r in audit(items, loaded, setting.screen_config(), batch_size=16, replicas=0)}
+        ok = [x for x in labelled if rows[x.item.image_id].status == "ok"]
+        forwards, _ = evaluations([rows[x.item.image_id] for x in ok])
+        flagged = []
+        for kind, member in kinds.items():
+            group = [x for x in ok if member(x)]
+            hits = sum(bool(rows[x.item.image_id].screen_flagged) for x in group)
+            if group:
+                flagged.append(f"{kind} {hits}/{len(group)} ({hits / len(group):.1%})")
+        lines.append(f"  {key}={value}: {forwards / len(ok):.0f} UNet forwards per image; flagged {', '.join(flagged)}")
+        if positives and draws:
+            lines.append(
+                "  " + detection_line("the positives", screen_detection(loaded, positives, setting, draws), draws)
+            )
+    return lines
 
 
 def cost_floor(outcome: CascadeOutcome, screened: int) -> tuple[float, float, float]:
@@ -434,6 +466,12 @@ def main(argv=None) -> int:
     parser.add_argument("--utilisation", type=float, default=0.4, help="assumed share of the H100's bf16 peak")
     parser.add_argument("--threads", type=int)
     parser.add_argument(
+        "--sweep",
+        nargs="+",
+        metavar=("SECTION.KEY", "VALUE"),
+        help="instead of the cascade: the screen alone at each VALUE of one setting, on every set and setting asked for",
+    )
+    parser.add_argument(
         "--detection-draws", type=int, default=16, help="seeds to re-screen the memorized images with (0: none)"
     )
     parser.add_argument("--rows", help="folder to keep every row in, with its truth: {set}-{setting}.parquet")
@@ -441,6 +479,8 @@ def main(argv=None) -> int:
         "--truth-of", metavar="ROWS", help="instead: the graded truth of a kept LAION-shaped run's judged negatives"
     )
     args = parser.parse_args(argv)
+    if args.sweep and len(args.sweep) < 2:
+        parser.error("--sweep takes a setting and at least one value, e.g. --sweep start_check.steps 4 6 8")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.truth_of:
@@ -464,6 +504,12 @@ def main(argv=None) -> int:
             labelled = demo_set(SETTINGS[setting]) if name == "demo" else laion_set(args.laion, SETTINGS[setting])
             items = [x.item for x in labelled]
             setting_config = config.replace(invmm={"prompt_init": "caption" if SETTINGS[setting] else "zero"})
+            if args.sweep:
+                key, *values = args.sweep
+                print(f"{name} / {setting}: the screen alone, at each {key}")
+                for line in sweep_screen(loaded, labelled, setting_config, key, values, args.detection_draws):
+                    print(line, flush=True)
+                continue
             everyone = None
             if name == "demo":
                 everyone = audit(items, loaded, setting_config, batch_size=16, replicas=0)
