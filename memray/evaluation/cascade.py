@@ -338,10 +338,12 @@ def report(
     return lines
 
 
-def measure_truth(rows_path: str, laion: str) -> list[str]:
+def measure_truth(rows_path: str, laion: str, config: AuditConfig) -> list[str]:
     """The graded truth of the images a kept run (--rows) judged memorized or inconclusive although the set calls
     them never trained or does not measure them: the demo model's own procedure (demo_training.ground_truth,
-    at the settings the model was trained with), so a verdict can be checked against what the caption does."""
+    at the settings the model was trained with), so a verdict can be checked against what the caption does;
+    and beside it the same count under the audit's own bar and `config`'s check steps (a start check of as
+    many noises), where the two definitions of a replica can part."""
     import io
 
     import pyarrow.parquet as pq
@@ -365,15 +367,25 @@ def measure_truth(rows_path: str, laion: str) -> list[str]:
         picture = Image.open(io.BytesIO(x.item.data)).convert("RGB").resize((args.resolution,) * 2)
         items.append(Item(x.item.image_id, x.split, x.item.caption, "", x.copies, picture=picture))
     truth = ground_truth(trained_demo_model(), items, args)
+    steps = config.invmm.sampling_steps
+    own = config.screen_config().replace(
+        start_check={"noises": args.truth_noises, "steps": steps, "guidance_scales": list(TRUTH_SCALES)}
+    )
+    audited = {
+        r.image_id: r
+        for r in audit([labelled[r["image_id"]].item for r in judged], load_model("demo"), own, replicas=0)
+    }
     lines = [
         f"ground truth ({args.truth_noises} noises x {len(TRUTH_SCALES)} scales, {args.truth_steps} DDIM steps) "
-        f"of {len(items)} images:"
+        f"of {len(items)} images; the audit's own bar, {args.truth_noises} noises at {steps} steps, at the scale "
+        f"the start check's pilot chose:"
     ]
     for r, item in sorted(zip(judged, items), key=lambda pair: (pair[1].split, pair[0]["verdict"], pair[1].id)):
         seen = "never trained" if not item.copies else f"seen {item.copies}x"
         lines.append(
             f"  {item.id} ({item.split}, {seen}) {r['verdict']}: caption rate {truth[item.id]['truth_caption_rate']:.2f}, "
-            f"empty prompt {truth[item.id]['truth_uncond_rate']:.2f}; {item.caption!r}"
+            f"empty prompt {truth[item.id]['truth_uncond_rate']:.2f}; audit's bar {audited[item.id].screen_replicas}"
+            f"/{args.truth_noises} at guidance {audited[item.id].screen_guidance:g}; {item.caption!r}"
         )
     return lines
 
@@ -484,7 +496,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.truth_of:
-        print("\n".join(measure_truth(args.truth_of, args.laion)))
+        print(
+            "\n".join(measure_truth(args.truth_of, args.laion, apply_overrides(preset_config(args.budget), args.set)))
+        )
         return 0
     config = apply_overrides(preset_config(args.budget), args.set).replace(measures=["invmm", "uncond_replication"])
     options = CascadeOptions(calibration_rate=args.calibration_rate, calibration_min=args.calibration_min)
