@@ -155,7 +155,7 @@ def test_a_sweep_screens_every_image_at_each_value_and_counts_what_it_flags_by_k
         Labelled(ImageInput(f"p{k}", data=png_bytes(60 + k), caption="a red circle"), "positive", "planted", 64)
         for k in range(2)
     ] + [Labelled(ImageInput("n0", data=png_bytes(70), caption="a blue square"), "negative", "heldout", 0)]
-    lines = sweep_screen(tiny_sd, labelled, config, "start_check.steps", ["1", "2"], draws=1)
+    lines = list(sweep_screen(tiny_sd, labelled, config, "start_check.steps", ["1", "2"], draws=1))
     assert len(lines) == 4  # a line per value, and its detection line
     # a pilot at the one scale and 2 counted noises, each guided (2 evaluations a step): 6 forwards a step
     assert lines[0].startswith("  start_check.steps=1: 6 UNet forwards per image; flagged positives ")

@@ -31,6 +31,7 @@ import os
 import platform
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,9 +172,9 @@ def detection_line(label: str, detection: dict[str, float], draws: int) -> str:
     )
 
 
-def sweep_screen(loaded, labelled: list[Labelled], config: AuditConfig, key: str, values, draws: int) -> list[str]:
-    """The screen alone at each value of one setting (SECTION.KEY, values in TOML syntax): its cost, what it flags
-    of each kind of image, and its detection of the positives over `draws` seeds."""
+def sweep_screen(loaded, labelled: list[Labelled], config: AuditConfig, key: str, values, draws: int) -> Iterator[str]:
+    """The screen alone at each value of one setting (SECTION.KEY, values in TOML syntax), a line as each is
+    measured: its cost, what it flags of each kind of image, and its detection of the positives over `draws` seeds."""
     kinds = {
         "positives": lambda x: x.truth == "positive",
         "borderline": lambda x: x.truth == "borderline",
@@ -182,7 +183,6 @@ def sweep_screen(loaded, labelled: list[Labelled], config: AuditConfig, key: str
     }
     items = [x.item for x in labelled]
     positives = [x.item for x in labelled if x.truth == "positive"]
-    lines = []
     for value in values:
         setting = apply_overrides(config, [f"{key}={value}"])
         rows = {r.image_id: r for r in audit(items, loaded, setting.screen_config(), batch_size=16, replicas=0)}
@@ -194,12 +194,9 @@ def sweep_screen(loaded, labelled: list[Labelled], config: AuditConfig, key: str
             hits = sum(bool(rows[x.item.image_id].screen_flagged) for x in group)
             if group:
                 flagged.append(f"{kind} {hits}/{len(group)} ({hits / len(group):.1%})")
-        lines.append(f"  {key}={value}: {forwards / len(ok):.0f} UNet forwards per image; flagged {', '.join(flagged)}")
+        yield f"  {key}={value}: {forwards / len(ok):.0f} UNet forwards per image; flagged {', '.join(flagged)}"
         if positives and draws:
-            lines.append(
-                "  " + detection_line("the positives", screen_detection(loaded, positives, setting, draws), draws)
-            )
-    return lines
+            yield "  " + detection_line("the positives", screen_detection(loaded, positives, setting, draws), draws)
 
 
 def cost_floor(outcome: CascadeOutcome, screened: int) -> tuple[float, float, float]:
