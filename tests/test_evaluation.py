@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import png_bytes, tiny_budgets
 
+from memray.auditing.runner import audit
 from memray.catalog.schema import AuditRow
 from memray.data.records import ImageInput
 from memray.demo import read_demo_manifest, trained_demo_manifest
@@ -140,8 +141,6 @@ def test_screen_detection_draws_every_seed_afresh(tiny_sd):
     assert once == {f"i{k}": 1.0 for k in range(6)}
     # a flag in the middle of the images' progress: with the same noises every draw, each image would be
     # flagged always or never; fresh seeds flag some of them only sometimes
-    from memray.auditing.runner import audit
-
     progress = sorted(r.screen_progress for r in audit(items, tiny_sd, config.screen_config(), replicas=0))
     middle = config.replace(start_check={"flag_progress": progress[3]})
     detection = screen_detection(tiny_sd, items, middle, 4)

@@ -544,7 +544,8 @@ def main(argv=None) -> int:
             outcome = run_cascade(loaded, items, setting_config, options, everyone=everyone)
 
             def detect(image_ids, items=items, config=setting_config):
-                chosen = [item for item in items if item.image_id in set(image_ids)]
+                wanted = set(image_ids)
+                chosen = [item for item in items if item.image_id in wanted]
                 return screen_detection(loaded, chosen, config, args.detection_draws)
 
             lines = report(f"{name} / {setting}", labelled, outcome, args.utilisation, detect, args.detection_draws)
